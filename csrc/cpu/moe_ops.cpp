@@ -1,0 +1,207 @@
+// CPU kernels on the MoE hot path, registered as `torch.ops.moe_resilient.*`.
+//
+// route_to_slots:  replica choice + counting sort of the (token, k) pairs by physical slot, one pass.
+// grouped_swiglu:  SwiGLU experts over rows already grouped by slot (forward and backward).
+//
+// Fake (meta) kernels and autograd live in moe_resilient/ops.py.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <optional>
+#include <vector>
+
+namespace moe_resilient {
+
+// topk_ids [T, K] logical experts; log2phy [E, R] live slots of each expert (-1 padded);
+// logcnt [E] live replica count. Token t uses replica t % logcnt[e]. With no placement
+// (log2phy and logcnt both None) slot == expert: the fixed-placement baseline.
+// Returns
+//   slot_ids [T, K]  chosen slot, -1 where the expert has no live replica;
+//   order    [T*K]   flat (t*K + k) indices sorted by slot, stable; unroutable pairs last;
+//   offsets  [S+1]   rows of slot s are order[offsets[s]:offsets[s+1]].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
+    const at::Tensor& topk_ids, const std::optional<at::Tensor>& log2phy, const std::optional<at::Tensor>& logcnt,
+    int64_t num_slots) {
+  TORCH_CHECK(topk_ids.dim() == 2, "route_to_slots: topk_ids must be [T, K], got ", topk_ids.sizes());
+  TORCH_CHECK(topk_ids.scalar_type() == at::kLong, "route_to_slots: topk_ids must be int64");
+  TORCH_CHECK(num_slots > 0, "route_to_slots: num_slots must be positive");
+  TORCH_CHECK(log2phy.has_value() == logcnt.has_value(), "route_to_slots: pass both log2phy and logcnt or neither");
+  const bool identity = !log2phy.has_value();
+  at::Tensor l2p, cnt;
+  if (!identity) {
+    TORCH_CHECK(log2phy->dim() == 2 && logcnt->dim() == 1 && log2phy->size(0) == logcnt->size(0),
+                "route_to_slots: log2phy must be [E, R] and logcnt [E]");
+    TORCH_CHECK(log2phy->scalar_type() == at::kLong && logcnt->scalar_type() == at::kLong,
+                "route_to_slots: log2phy and logcnt must be int64");
+    l2p = log2phy->contiguous();
+    cnt = logcnt->contiguous();
+  }
+  const auto ids = topk_ids.contiguous();
+  const int64_t T = ids.size(0), K = ids.size(1), N = T * K;
+  const int64_t E = identity ? num_slots : l2p.size(0), R = identity ? 1 : l2p.size(1);
+
+  auto slot_ids = at::empty({T, K}, ids.options());
+  auto order = at::empty({N}, ids.options());
+  auto offsets = at::zeros({num_slots + 1}, ids.options());
+  const int64_t* ids_p = ids.data_ptr<int64_t>();
+  const int64_t* l2p_p = identity ? nullptr : l2p.data_ptr<int64_t>();
+  const int64_t* cnt_p = identity ? nullptr : cnt.data_ptr<int64_t>();
+  int64_t* slot_p = slot_ids.data_ptr<int64_t>();
+  int64_t* order_p = order.data_ptr<int64_t>();
+  int64_t* off_p = offsets.data_ptr<int64_t>();
+
+  // Pass 1: choose a replica and count rows per slot (bucket num_slots collects unroutable pairs).
+  std::vector<int64_t> count(num_slots + 1, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t e = ids_p[i];
+    TORCH_CHECK(e >= 0 && e < E, "route_to_slots: expert id ", e, " out of range [0, ", E, ")");
+    if (identity) {
+      slot_p[i] = e;
+      ++count[e];
+      continue;
+    }
+    const int64_t c = cnt_p[e];
+    TORCH_CHECK(c >= 0 && c <= R, "route_to_slots: logcnt[", e, "] = ", c, " outside [0, ", R, "]");
+    int64_t s = -1;
+    if (c > 0) {
+      s = l2p_p[e * R + (i / K) % c];
+      TORCH_CHECK(s >= 0 && s < num_slots, "route_to_slots: log2phy[", e, "] names slot ", s,
+                  " outside [0, ", num_slots, ")");
+    }
+    slot_p[i] = s;
+    ++count[s < 0 ? num_slots : s];
+  }
+  // Pass 2: exclusive prefix sum, then a stable scatter.
+  std::vector<int64_t> cursor(num_slots + 1, 0);
+  int64_t run = 0;
+  for (int64_t s = 0; s <= num_slots; ++s) {
+    cursor[s] = run;
+    off_p[s] = run;
+    run += count[s];
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t s = slot_p[i];
+    order_p[cursor[s < 0 ? num_slots : s]++] = i;
+  }
+  return {slot_ids, order, offsets};
+}
+
+namespace {
+
+void check_grouped(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w13, const at::Tensor& w2) {
+  TORCH_CHECK(x.dim() == 2, "grouped_swiglu: x must be [N, H], got ", x.sizes());
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3, "grouped_swiglu: w13 must be [S, 2I, H] and w2 [S, H, I]");
+  const int64_t S = w13.size(0), H = w13.size(2), I = w13.size(1) / 2;
+  TORCH_CHECK(w13.size(1) == 2 * I && w2.size(0) == S && w2.size(1) == H && w2.size(2) == I,
+              "grouped_swiglu: w13 ", w13.sizes(), " and w2 ", w2.sizes(), " disagree");
+  TORCH_CHECK(x.size(1) == H, "grouped_swiglu: x has hidden size ", x.size(1), ", experts expect ", H);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == S + 1 && offsets.scalar_type() == at::kLong,
+              "grouped_swiglu: offsets must be int64 [S+1] = [", S + 1, "]");
+  TORCH_CHECK(x.scalar_type() == w13.scalar_type() && x.scalar_type() == w2.scalar_type(),
+              "grouped_swiglu: dtype mismatch between x and expert weights");
+}
+
+// Rows per slot below which slots run in parallel (each GEMM single-threaded): decode batches are
+// bound by weight bandwidth, and several small GEMMs side by side use both cores' memory channels.
+constexpr int64_t kSmallRows = 32;
+
+template <typename Fn>
+void for_each_slot(const std::vector<int64_t>& off, Fn fn) {
+  const int64_t S = static_cast<int64_t>(off.size()) - 1;
+  std::vector<int64_t> busy;
+  int64_t max_rows = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = off[s + 1] - off[s];
+    if (n > 0) busy.push_back(s);
+    max_rows = std::max(max_rows, n);
+  }
+  const int64_t B = static_cast<int64_t>(busy.size());
+  if (max_rows < kSmallRows) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) fn(busy[b], off[busy[b]], off[busy[b] + 1] - off[busy[b]]);
+    });
+  } else {
+    for (int64_t b = 0; b < B; ++b) fn(busy[b], off[busy[b]], off[busy[b] + 1] - off[busy[b]]);
+  }
+}
+
+std::vector<int64_t> offsets_vector(const at::Tensor& offsets, int64_t num_rows) {
+  const auto o = offsets.to(at::kCPU).contiguous();
+  std::vector<int64_t> v(o.data_ptr<int64_t>(), o.data_ptr<int64_t>() + o.numel());
+  TORCH_CHECK(v.front() >= 0 && v.back() <= num_rows, "grouped_swiglu: offsets outside [0, ", num_rows, "]");
+  for (size_t s = 1; s < v.size(); ++s)
+    TORCH_CHECK(v[s] >= v[s - 1], "grouped_swiglu: offsets must be non-decreasing");
+  return v;
+}
+
+}  // namespace
+
+// x [N, H] rows grouped by slot; rows of slot s are x[offsets[s]:offsets[s+1]].
+// out[r] = w2[s] @ (silu(w1[s] @ x[r]) * (w3[s] @ x[r])), w13[s] = cat(w1[s], w3[s]) [2I, H].
+// Rows past offsets[S] (unroutable) get zeros.
+at::Tensor grouped_swiglu(const at::Tensor& x_in, const at::Tensor& offsets, const at::Tensor& w13,
+                          const at::Tensor& w2) {
+  check_grouped(x_in, offsets, w13, w2);
+  const auto x = x_in.contiguous();
+  const int64_t I = w13.size(1) / 2;
+  const auto off = offsets_vector(offsets, x.size(0));
+  auto out = at::empty_like(x);
+  if (off.back() < x.size(0)) out.narrow(0, off.back(), x.size(0) - off.back()).zero_();
+  for_each_slot(off, [&](int64_t s, int64_t a, int64_t n) {
+    const auto h = at::mm(x.narrow(0, a, n), w13[s].t());  // [n, 2I]
+    const auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I));
+    auto dst = out.narrow(0, a, n);
+    at::mm_out(dst, act, w2[s].t());
+  });
+  return out;
+}
+
+// Recomputes the activations slot by slot (no saved [N, 2I] buffer) and returns
+// grad_x [N, H], grad_w13 [S, 2I, H], grad_w2 [S, H, I]; slots with no rows get zero gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& offsets, const at::Tensor& w13,
+    const at::Tensor& w2) {
+  check_grouped(x_in, offsets, w13, w2);
+  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), "grouped_swiglu_backward: grad_out must match x");
+  const auto x = x_in.contiguous();
+  const auto grad_out = grad_out_in.contiguous();
+  const int64_t I = w13.size(1) / 2;
+  const auto off = offsets_vector(offsets, x.size(0));
+  auto grad_x = at::zeros_like(x);
+  auto grad_w13 = at::zeros_like(w13);
+  auto grad_w2 = at::zeros_like(w2);
+  for_each_slot(off, [&](int64_t s, int64_t a, int64_t n) {
+    const auto xs = x.narrow(0, a, n);
+    const auto go = grad_out.narrow(0, a, n);
+    const auto h = at::mm(xs, w13[s].t());
+    const auto g = h.narrow(1, 0, I), u = h.narrow(1, I, I);
+    const auto sig = at::sigmoid(g);
+    const auto silu_g = g * sig;
+    auto gw2 = grad_w2[s];
+    at::mm_out(gw2, go.t(), silu_g * u);                  // [H, I]
+    const auto grad_act = at::mm(go, w2[s]);              // [n, I]
+    auto grad_h = at::empty_like(h);
+    grad_h.narrow(1, 0, I).copy_(grad_act * u * sig * (1 + g * (1 - sig)));
+    grad_h.narrow(1, I, I).copy_(grad_act * silu_g);
+    auto gw13 = grad_w13[s];
+    at::mm_out(gw13, grad_h.t(), xs);                     // [2I, H]
+    auto gx = grad_x.narrow(0, a, n);
+    at::mm_out(gx, grad_h, w13[s]);                       // [n, H]
+  });
+  return {grad_x, grad_w13, grad_w2};
+}
+
+TORCH_LIBRARY(moe_resilient, m) {
+  m.def("route_to_slots(Tensor topk_ids, Tensor? log2phy, Tensor? logcnt, int num_slots) -> (Tensor, Tensor, Tensor)");
+  m.def("grouped_swiglu(Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> Tensor");
+  m.def("grouped_swiglu_backward(Tensor grad_out, Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(moe_resilient, CPU, m) {
+  m.impl("route_to_slots", &route_to_slots);
+  m.impl("grouped_swiglu", &grouped_swiglu);
+  m.impl("grouped_swiglu_backward", &grouped_swiglu_backward);
+}
+
+}  // namespace moe_resilient

@@ -1,0 +1,68 @@
+"""Expert weight slots: stacked SwiGLU weights, one row per physical slot, and grouped compute."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_resilient import ops
+
+
+class SlotExperts(nn.Module):
+    """SwiGLU experts stored per physical slot.
+
+    w13 [S, 2I, H]: gate (w1) rows then up (w3) rows, the HF v5 ``gate_up_proj`` layout.
+    w2  [S, H, I]:  down projection.
+    """
+
+    def __init__(self, num_slots: int, hidden_size: int, intermediate_size: int, *, dtype=None, device=None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        kw = {"dtype": dtype, "device": device}
+        self.w13 = nn.Parameter(torch.empty(num_slots, 2 * intermediate_size, hidden_size, **kw))
+        self.w2 = nn.Parameter(torch.empty(num_slots, hidden_size, intermediate_size, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w13, std=self.hidden_size**-0.5)
+        nn.init.normal_(self.w2, std=self.intermediate_size**-0.5)
+
+    @property
+    def num_slots(self) -> int:
+        return self.w13.shape[0]
+
+    def forward(self, x_rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """x_rows [N, H] grouped by slot, offsets [S+1] -> [N, H]."""
+        return ops.grouped_swiglu(x_rows, offsets, self.w13, self.w2)
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Copy one expert's weights (w13 [2I, H], w2 [H, I]) into ``slot`` in place."""
+        if w13.shape != self.w13.shape[1:] or w2.shape != self.w2.shape[1:]:
+            raise ValueError(
+                f"expert weights of shape w13 {list(w13.shape)}, w2 {list(w2.shape)} do not fit slots of "
+                f"w13 {list(self.w13.shape[1:])}, w2 {list(self.w2.shape[1:])}"
+            )
+        self.w13[slot].copy_(w13)
+        self.w2[slot].copy_(w2)
+
+    @torch.no_grad()
+    def copy_slot(self, dst: int, src: int) -> None:
+        self.w13[dst].copy_(self.w13[src])
+        self.w2[dst].copy_(self.w2[src])
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP (the shared expert), HF naming: gate_proj, up_proj, down_proj."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, dtype=None, device=None):
+        super().__init__()
+        kw = {"bias": False, "dtype": dtype, "device": device}
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

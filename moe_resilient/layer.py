@@ -1,0 +1,286 @@
+"""ResilientMoE: a Mixture-of-Experts block whose expert placement is mutable runtime state.
+
+forward: route (top-k logical experts) -> pick a live replica through the placement tensors and
+group the (token, k) pairs by slot (one C++ op) -> grouped SwiGLU over slots (C++ op) -> weighted
+combine. No Python control flow depends on tensor values, so ``torch.compile(fullgraph=True)``
+captures it once and placement edits (in-place copies) never recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_resilient import ops
+from moe_resilient.experts import SlotExperts, SwiGLU
+from moe_resilient.placement import ExpertPlacement, PlacementError
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Shape and routing semantics of one MoE block.
+
+    scoring: "softmax" (Mixtral, Qwen, OLMoE) or "sigmoid" (DeepSeek-V3).
+    score_bias: a selection-only bias added to scores before top-k (DeepSeek ``e_score_correction_bias``).
+    num_groups / topk_groups: group-limited routing (DeepSeek-V3); 1/1 disables it.
+    shared_intermediate_size: size of an always-on shared SwiGLU expert (0: none);
+    shared_expert_gate: scale it by sigmoid(Linear(H, 1)) as Qwen2-MoE does.
+    router_dtype: compute router logits in this dtype (None: the input's; DeepSeek uses float32).
+    degraded: what a step does for a top-k entry whose expert has no live replica:
+      "renormalize" drops it and rescales the remaining weights to the original top-k mass.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    num_slots: int | None = None
+    world_size: int = 1
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    score_bias: bool = False
+    num_groups: int = 1
+    topk_groups: int = 1
+    shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    router_dtype: torch.dtype | None = None
+    static_placement: bool = False
+    degraded: Literal["renormalize"] = "renormalize"
+
+    def __post_init__(self):
+        slots = self.num_experts if self.num_slots is None else self.num_slots
+        problems = []
+        if min(self.hidden_size, self.intermediate_size, self.num_experts) < 1:
+            problems.append("hidden_size, intermediate_size and num_experts must be >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            problems.append(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if slots < self.num_experts:
+            problems.append(f"num_slots ({slots}) must be >= num_experts ({self.num_experts})")
+        if self.scoring not in ("softmax", "sigmoid"):
+            problems.append(f"scoring must be 'softmax' or 'sigmoid', got {self.scoring!r}")
+        if self.num_groups < 1 or self.num_experts % self.num_groups:
+            problems.append(f"num_groups ({self.num_groups}) must divide num_experts ({self.num_experts})")
+        if not 1 <= self.topk_groups <= self.num_groups:
+            problems.append(f"topk_groups must be in [1, num_groups={self.num_groups}]")
+        if self.static_placement and slots != self.num_experts:
+            problems.append("static_placement needs num_slots == num_experts")
+        if self.degraded != "renormalize":
+            problems.append(f"degraded must be 'renormalize', got {self.degraded!r}")
+        if problems:
+            raise ValueError("invalid MoEConfig: " + "; ".join(problems))
+        object.__setattr__(self, "num_slots", slots)
+
+    def replace(self, **changes) -> MoEConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class TopKRouter(nn.Module):
+    """Gate: hidden [T, H] -> (router_logits [T, E], topk_weights [T, K] float32, topk_ids [T, K])."""
+
+    def __init__(self, config: MoEConfig, *, dtype=None, device=None):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(
+            torch.empty(config.num_experts, config.hidden_size, dtype=config.router_dtype or dtype, device=device)
+        )
+        nn.init.normal_(self.weight, std=config.hidden_size**-0.5)
+        if config.score_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, device=device))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.config
+        x = x.reshape(-1, c.hidden_size)
+        if c.router_dtype is not None:
+            logits = F.linear(x.to(c.router_dtype), self.weight.to(c.router_dtype))
+        else:
+            logits = F.linear(x, self.weight)
+        if c.scoring == "softmax":
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        else:
+            scores = torch.sigmoid(logits.float())
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if c.num_groups > 1:  # keep only the experts of the best topk_groups groups
+            grouped = choice.view(-1, c.num_groups, c.num_experts // c.num_groups)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            group_idx = group_scores.topk(c.topk_groups, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
+            keep = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, c.num_experts)
+            choice = choice.masked_fill(~keep, float("-inf"))
+        topk_ids = choice.topk(c.top_k, dim=-1, sorted=False).indices
+        topk_weights = scores.gather(1, topk_ids)
+        if c.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+        if c.routed_scaling_factor != 1.0:
+            topk_weights = topk_weights * c.routed_scaling_factor
+        return logits, topk_weights, topk_ids
+
+
+class ResilientMoE(nn.Module):
+    """MoE block with indirect, mutable expert placement.
+
+    Input [..., H] -> output [..., H] (plus router logits [T, E] when ``return_router_logits``).
+    Submodules: ``gate`` (TopKRouter), ``experts`` (SlotExperts, [S, ...] stacked weights),
+    ``placement`` (ExpertPlacement), optional ``shared_expert`` and ``shared_expert_gate``.
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        *,
+        phy2log=None,
+        slot_rank=None,
+        return_router_logits: bool = False,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        self.config = config
+        self.return_router_logits = return_router_logits
+        self.gate = TopKRouter(config, dtype=dtype, device=device)
+        self.experts = SlotExperts(
+            config.num_slots, config.hidden_size, config.intermediate_size, dtype=dtype, device=device
+        )
+        self.placement = ExpertPlacement(
+            config.num_experts, config.num_slots, world_size=config.world_size, phy2log=phy2log, slot_rank=slot_rank
+        )
+        if device is not None:
+            self.placement.to(device)
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if config.shared_intermediate_size:
+            self.shared_expert = SwiGLU(
+                config.hidden_size, config.shared_intermediate_size, dtype=dtype, device=device
+            )
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False, dtype=dtype, device=device)
+        # Replica slots start as copies of their expert's first slot.
+        with torch.no_grad():
+            for e in range(config.num_experts):
+                slots = self.placement.slots_of(e)
+                for s in slots[1:]:
+                    self.experts.copy_slot(s, slots[0])
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, hidden_states: torch.Tensor):
+        c = self.config
+        if hidden_states.shape[-1] != c.hidden_size:
+            raise ValueError(
+                f"ResilientMoE expects hidden size {c.hidden_size}, got input of shape {list(hidden_states.shape)}"
+            )
+        x = hidden_states.reshape(-1, c.hidden_size)  # [T, H]
+        router_logits, topk_weights, topk_ids = self.gate(x)
+        out = self._routed_experts(x, topk_weights, topk_ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        out = out.reshape(hidden_states.shape)
+        return (out, router_logits) if self.return_router_logits else out
+
+    def _routed_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], topk_weights [T, K], topk_ids [T, K] -> [T, H]."""
+        T, K = topk_ids.shape
+        if self.config.static_placement:
+            slot_ids, order, offsets = ops.route_to_slots(topk_ids, None, None, self.config.num_slots)
+        else:
+            p = self.placement
+            slot_ids, order, offsets = ops.route_to_slots(topk_ids, p.log2phy, p.logcnt, self.config.num_slots)
+        y_rows = self.experts(x[order // K], offsets)  # [T*K, H], rows grouped by slot
+        y = torch.empty_like(y_rows).index_copy_(0, order, y_rows).view(T, K, -1)  # back to (token, k)
+        live = slot_ids >= 0
+        weights = torch.where(live, topk_weights, 0.0)
+        # Degraded step: rescale surviving entries to the full top-k mass (exactly 1 when all live).
+        weights = weights * (topk_weights.sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1e-20))
+        return torch.bmm(weights.unsqueeze(1), y.float()).squeeze(1).to(x.dtype)
+
+    # ----------------------------------------------------------------------------------- placement edits
+    def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [2I, H], w2 [H, I]) of a live replica of ``expert`` (views, not copies)."""
+        slots = self.placement.slots_of(expert)
+        if not slots:
+            raise PlacementError(f"expert {expert} has no live replica")
+        return self.experts.w13[slots[0]], self.experts.w2[slots[0]]
+
+    def add_replica(self, expert: int, slot: int) -> None:
+        """Copy ``expert`` from a live replica into ``slot``, then route to it."""
+        w13, w2 = self.expert_weights(expert)
+        self.load_expert(expert, slot, w13, w2)
+
+    def move_expert(self, expert: int, dst_slot: int, src_slot: int | None = None) -> None:
+        """Move one replica of ``expert`` from ``src_slot`` (default: its first live slot) to ``dst_slot``."""
+        p = self.placement
+        src = p.slots_of(expert)[0] if src_slot is None else src_slot
+        p._check_slot(src)
+        if int(p.phy2log[src]) != expert or src == dst_slot:
+            raise PlacementError(f"cannot move expert {expert} from slot {src} to slot {dst_slot}")
+        self._edit(dst_slot, expert, lambda: self.experts.copy_slot(dst_slot, src), vacate=src)
+
+    def load_expert(self, expert: int, slot: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Write external weights of ``expert`` (w13 [2I, H], w2 [H, I]) into ``slot``, then route to it."""
+        if w13.shape != self.experts.w13.shape[1:] or w2.shape != self.experts.w2.shape[1:]:
+            raise ValueError(
+                f"weights for expert {expert} have shapes w13 {list(w13.shape)}, w2 {list(w2.shape)}; "
+                f"slots take w13 {list(self.experts.w13.shape[1:])}, w2 {list(self.experts.w2.shape[1:])}"
+            )
+        self._edit(slot, expert, lambda: self.experts.write_slot(slot, w13, w2))
+
+    def _edit(self, slot: int, expert: int, write, vacate: int | None = None) -> None:
+        """Validate the final placement, take ``slot`` out of routing, write its weights, then flip
+        the placement (``slot`` -> ``expert``, ``vacate`` -> empty) in one commit."""
+        p = self.placement
+        if self.config.static_placement:
+            raise PlacementError("this layer was built with static_placement=True; its placement is constant")
+        p._check_slot(slot)
+        p._check_expert(expert)
+        if not bool(p.active[p.slot_rank[slot]]):
+            raise PlacementError(f"slot {slot} is on dead rank {int(p.slot_rank[slot])}; it cannot serve")
+        final = p.phy2log.cpu().clone()
+        final[slot] = expert
+        if vacate is not None:
+            final[vacate] = -1
+        uncovered_before = set(p.uncovered())
+        self._validate(final, allow=uncovered_before)
+        if int(p.phy2log[slot]) >= 0:
+            p.clear(slot, allow_uncovered=True)
+        write()
+        p.remap(final, allow_uncovered=bool(uncovered_before))
+
+    def _validate(self, phy2log: torch.Tensor, allow: set[int]) -> None:
+        p = self.placement
+        live = (phy2log >= 0) & p.active.cpu()[p.slot_rank.cpu()]
+        counts = torch.bincount(phy2log[live], minlength=p.num_experts)
+        lost = set(torch.nonzero(counts == 0).flatten().tolist()) - allow
+        if lost:
+            raise PlacementError(f"edit would leave experts {sorted(lost)} with no live replica")
+        if int(counts.max()) > p.max_replicas:
+            raise PlacementError(f"edit would exceed max_replicas={p.max_replicas}")
+
+    # ----------------------------------------------------------------------------------- training
+    @torch.no_grad()
+    def reduce_replica_grads(self) -> None:
+        """Give every replica the summed gradient of its logical expert, so replicas stay identical."""
+        held = torch.nonzero(self.placement.phy2log >= 0).flatten()
+        experts_of = self.placement.phy2log[held]
+        for param in (self.experts.w13, self.experts.w2):
+            if param.grad is None:
+                continue
+            summed = torch.zeros((self.config.num_experts, *param.shape[1:]), dtype=param.grad.dtype,
+                                 device=param.grad.device)
+            summed.index_add_(0, experts_of, param.grad[held])
+            param.grad[held] = summed[experts_of]
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"hidden={c.hidden_size}, intermediate={c.intermediate_size}, experts={c.num_experts}, "
+            f"slots={c.num_slots}, top_k={c.top_k}, scoring={c.scoring}"
+        )

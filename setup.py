@@ -1,0 +1,30 @@
+"""Builds moe_resilient._C from csrc/ with torch's cpp_extension.
+
+CPU sources always; csrc/cuda/*.cu only where a CUDA toolkit and a CUDA build of torch both exist.
+Install with `pip install --no-build-isolation -e .` so the extension links the torch you run.
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++17"]
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
+    if use_cuda and os.environ.get("MOE_RESILIENT_NO_CUDA") != "1":
+        return CUDAExtension(
+            "moe_resilient._C",
+            sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DMOE_RESILIENT_CUDA"], "nvcc": ["-O3"]},
+        )
+    return CppExtension("moe_resilient._C", sources, extra_compile_args=cxx_flags)
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
