@@ -195,7 +195,7 @@ class ResilientMoE(nn.Module):
             p = self.placement
             slot_ids, order, offsets = ops.route_to_slots(topk_ids, p.log2phy, p.logcnt, self.config.num_slots)
         y_rows = self.experts(x[order // K], offsets)  # [T*K, H], rows grouped by slot
-        y = torch.empty_like(y_rows).index_copy_(0, order, y_rows).view(T, K, -1)  # back to (token, k)
+        y = torch.empty_like(y_rows).index_copy_(0, order, y_rows).view(T, K, x.shape[1])  # back to (token, k)
         live = slot_ids >= 0
         weights = torch.where(live, topk_weights, 0.0)
         # Degraded step: rescale surviving entries to the full top-k mass (exactly 1 when all live).
@@ -210,6 +210,20 @@ class ResilientMoE(nn.Module):
             raise PlacementError(f"expert {expert} has no live replica")
         return self.experts.w13[slots[0]], self.experts.w2[slots[0]]
 
+    @torch.no_grad()
+    def load_logical_weights(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Load every logical expert (w13 [E, 2I, H], w2 [E, H, I]) into all slots that hold it."""
+        E = self.config.num_experts
+        want13, want2 = (E, *self.experts.w13.shape[1:]), (E, *self.experts.w2.shape[1:])
+        if tuple(w13.shape) != want13 or tuple(w2.shape) != want2:
+            raise ValueError(
+                f"logical expert weights w13 {list(w13.shape)}, w2 {list(w2.shape)}; expected {list(want13)}, {list(want2)}"
+            )
+        held = torch.nonzero(self.placement.phy2log >= 0).flatten()
+        experts_of = self.placement.phy2log[held]
+        self.experts.w13[held] = w13.to(self.experts.w13)[experts_of]
+        self.experts.w2[held] = w2.to(self.experts.w2)[experts_of]
+
     def add_replica(self, expert: int, slot: int) -> None:
         """Copy ``expert`` from a live replica into ``slot``, then route to it."""
         w13, w2 = self.expert_weights(expert)
@@ -220,8 +234,10 @@ class ResilientMoE(nn.Module):
         p = self.placement
         src = p.slots_of(expert)[0] if src_slot is None else src_slot
         p._check_slot(src)
-        if int(p.phy2log[src]) != expert or src == dst_slot:
-            raise PlacementError(f"cannot move expert {expert} from slot {src} to slot {dst_slot}")
+        if int(p.phy2log[src]) != expert:
+            raise PlacementError(f"slot {src} does not hold expert {expert}")
+        if src == dst_slot:
+            raise PlacementError(f"cannot move expert {expert} onto its own slot {src}")
         self._edit(dst_slot, expert, lambda: self.experts.copy_slot(dst_slot, src), vacate=src)
 
     def load_expert(self, expert: int, slot: int, w13: torch.Tensor, w2: torch.Tensor) -> None:

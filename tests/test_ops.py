@@ -1,0 +1,90 @@
+"""The C++ ops: agreement with plain PyTorch, opcheck (fake kernels, autograd, schema), bad input."""
+
+import pytest
+import torch
+
+from moe_resilient import ops
+
+S, E, H, I = 6, 4, 16, 24
+
+
+def _placement():
+    # expert e in slot e, expert 1 also in slot 4, expert 3 has no live replica, slot 5 spare
+    log2phy = torch.tensor([[0, -1], [1, 4], [2, -1], [-1, -1]])
+    logcnt = torch.tensor([1, 2, 1, 0])
+    return log2phy, logcnt
+
+
+def test_route_to_slots_matches_reference():
+    log2phy, logcnt = _placement()
+    ids = torch.randint(0, E, (37, 3))
+    got = ops.route_to_slots(ids, log2phy, logcnt, S)
+    want = ops.route_to_slots_reference(ids, log2phy, logcnt, S)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    slot_ids, order, offsets = got
+    assert (slot_ids[ids == 3] == -1).all()  # no live replica -> unroutable
+    assert set(slot_ids[ids == 1].tolist()) == {1, 4}  # both replicas used
+    assert offsets[-1] == (ids != 3).sum()
+
+
+def test_route_to_slots_identity_is_fixed_placement():
+    ids = torch.randint(0, E, (9, 2))
+    slot_ids, _, offsets = ops.route_to_slots(ids, None, None, E)
+    assert torch.equal(slot_ids, ids)
+    assert torch.equal(offsets[1:] - offsets[:-1], torch.bincount(ids.flatten(), minlength=E))
+
+
+def test_route_to_slots_rejects_unknown_expert():
+    log2phy, logcnt = _placement()
+    with pytest.raises(RuntimeError, match="expert id 9 out of range"):
+        ops.route_to_slots(torch.tensor([[9]]), log2phy, logcnt, S)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_swiglu_matches_reference(dtype):
+    counts = torch.tensor([3, 0, 40, 1, 0, 2])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    x = torch.randn(int(offsets[-1]) + 2, H, dtype=dtype)  # two trailing unroutable rows
+    w13 = torch.randn(S, 2 * I, H, dtype=dtype) / H**0.5
+    w2 = torch.randn(S, H, I, dtype=dtype) / I**0.5
+    got = ops.grouped_swiglu(x, offsets, w13, w2)
+    want = ops.grouped_swiglu_reference(x, offsets, w13, w2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert (got[-2:] == 0).all()
+
+
+def test_grouped_swiglu_gradients_match_reference():
+    offsets = torch.tensor([0, 2, 2, 9, 10, 10, 12])
+    x = torch.randn(12, H, dtype=torch.float64, requires_grad=True)
+    w13 = torch.randn(S, 2 * I, H, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(S, H, I, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *a: ops.grouped_swiglu(a[0], offsets, a[1], a[2]), (x, w13, w2))
+
+
+def test_opcheck():
+    log2phy, logcnt = _placement()
+    torch.library.opcheck(torch.ops.moe_resilient.route_to_slots, (torch.randint(0, E, (5, 2)), log2phy, logcnt, S))
+    torch.library.opcheck(torch.ops.moe_resilient.route_to_slots, (torch.randint(0, E, (5, 2)), None, None, E))
+    offsets = torch.tensor([0, 2, 2, 5, 6, 6, 7])
+    args = (
+        torch.randn(7, H, requires_grad=True),
+        offsets,
+        torch.randn(S, 2 * I, H, requires_grad=True),
+        torch.randn(S, H, I, requires_grad=True),
+    )
+    torch.library.opcheck(torch.ops.moe_resilient.grouped_swiglu, args)
+    torch.library.opcheck(
+        torch.ops.moe_resilient.grouped_swiglu_backward, (torch.randn(7, H), args[0].detach(), offsets, args[2].detach(), args[3].detach())
+    )
+
+
+def test_grouped_swiglu_bad_input():
+    w13, w2 = torch.randn(S, 2 * I, H), torch.randn(S, H, I)
+    with pytest.raises(RuntimeError, match="hidden size"):
+        ops.grouped_swiglu(torch.randn(3, H + 1), torch.zeros(S + 1, dtype=torch.long), w13, w2)
+    with pytest.raises(RuntimeError, match="offsets must be int64"):
+        ops.grouped_swiglu(torch.randn(3, H), torch.zeros(S, dtype=torch.long), w13, w2)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        ops.grouped_swiglu(torch.randn(3, H), torch.tensor([0, 2, 1, 3, 3, 3, 3]), w13, w2)
