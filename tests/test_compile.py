@@ -1,0 +1,79 @@
+"""torch.compile(fullgraph=True) once; then placement edits cause zero recompiles, outputs stay equal
+to eager, and no parameter or placement buffer moves."""
+
+import pytest
+import torch
+import torch._dynamo
+
+from moe_resilient import MoEConfig, ResilientMoE
+from reference import logical_weights, reference_moe
+
+H, I, E = 32, 48, 8
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    layer = ResilientMoE(
+        MoEConfig(H, I, E, 2, num_slots=E + 4, world_size=3, shared_intermediate_size=16, shared_expert_gate=True)
+    )
+    layer.add_replica(0, 8)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(24, H)
+    compiled(x)  # the only two compiles: inference input, and an input that wants its gradient
+    compiled(x.clone().requires_grad_())
+    yield layer, compiled, x
+    torch._dynamo.reset()
+
+
+def _addresses(layer):
+    return {n: t.data_ptr() for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
+
+
+def test_placement_changes_never_recompile(compiled):
+    layer, cm, x = compiled
+    addresses = _addresses(layer)
+    w13, w2 = (w.detach().clone() for w in logical_weights(layer))
+    want = reference_moe(layer, x, w13, w2).detach()
+    edits = [
+        lambda: layer.add_replica(5, 9),  # add a replica
+        lambda: layer.move_expert(3, 10),  # move an expert to a spare slot
+        lambda: layer.placement.clear(0),  # drop a slot while a replica of its expert lives elsewhere
+        lambda: layer.placement.remap([0, 1, 2, -1, 4, 5, 6, 7, 0, 5, 3, -1]),  # whole new map
+        lambda: layer.placement.mark_dead(2, allow_uncovered=True),  # rank 2 (slots 8..11) dies; 3 uncovered
+        lambda: layer.load_expert(3, 3, w13[3], w2[3]),  # coverage restored on a survivor from a copy
+    ]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for edit in edits:
+            edit()
+            torch.testing.assert_close(cm(x), layer(x), rtol=1e-6, atol=1e-6)
+            if not layer.placement.uncovered():
+                torch.testing.assert_close(cm(x), want, rtol=1e-5, atol=1e-5)
+    assert _addresses(layer) == addresses
+
+
+def test_degraded_step_compiled(compiled):
+    layer, cm, x = compiled
+    layer.placement.remap([0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, -1])
+    layer.placement.mark_alive(2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        layer.placement.clear(6, allow_uncovered=True)
+        out = cm(x)
+        torch.testing.assert_close(out, layer(x), rtol=1e-6, atol=1e-6)
+        layer.load_expert(6, 11, layer.experts.w13[6].clone(), layer.experts.w2[6].clone())  # restore
+        torch.testing.assert_close(cm(x), reference_moe(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_backward_matches_eager(compiled):
+    layer, cm, x = compiled
+    x = x.clone().requires_grad_()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        cm(x).square().sum().backward()
+    compiled_grads = {n: p.grad.clone() for n, p in layer.named_parameters()} | {"x": x.grad.clone()}
+    layer.zero_grad()
+    x.grad = None
+    layer(x).square().sum().backward()
+    eager_grads = {n: p.grad for n, p in layer.named_parameters()} | {"x": x.grad}
+    for n, g in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[n], g, rtol=1e-5, atol=1e-5, msg=n)
