@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "skinny_gemm.h"
+
 #include <optional>
 #include <vector>
 
@@ -102,28 +104,26 @@ void check_grouped(const at::Tensor& x, const at::Tensor& offsets, const at::Ten
               "grouped_swiglu: dtype mismatch between x and expert weights");
 }
 
-// Rows per slot below which slots run in parallel (each GEMM single-threaded): decode batches are
-// bound by weight bandwidth, and several small GEMMs side by side use both cores' memory channels.
-constexpr int64_t kSmallRows = 32;
+// Slots with at most this many rows use the streaming kernel (skinny_gemm.h); larger ones use BLAS.
+constexpr int64_t kSkinnyRows = 16;
 
 template <typename Fn>
-void for_each_slot(const std::vector<int64_t>& off, Fn fn) {
-  const int64_t S = static_cast<int64_t>(off.size()) - 1;
-  std::vector<int64_t> busy;
-  int64_t max_rows = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t n = off[s + 1] - off[s];
-    if (n > 0) busy.push_back(s);
-    max_rows = std::max(max_rows, n);
-  }
-  const int64_t B = static_cast<int64_t>(busy.size());
-  if (max_rows < kSmallRows) {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) fn(busy[b], off[busy[b]], off[busy[b] + 1] - off[busy[b]]);
-    });
-  } else {
-    for (int64_t b = 0; b < B; ++b) fn(busy[b], off[busy[b]], off[busy[b] + 1] - off[busy[b]]);
-  }
+void for_each_busy_slot(const std::vector<int64_t>& off, Fn fn) {
+  for (size_t s = 0; s + 1 < off.size(); ++s)
+    if (off[s + 1] > off[s]) fn(static_cast<int64_t>(s), off[s], off[s + 1] - off[s]);
+}
+
+// One slot's forward through the streaming kernel: x_rows [n, H] -> out [n, H].
+template <typename W_t>
+void skinny_swiglu(const at::Tensor& x_rows, const at::Tensor& w13, const at::Tensor& w2, at::Tensor out) {
+  const int64_t n = x_rows.size(0), H = w13.size(1), I = w13.size(0) / 2;
+  const auto xf = x_rows.to(at::kFloat).contiguous();
+  auto h = at::empty({n, 2 * I}, xf.options());
+  skinny_gemm_nt(xf.data_ptr<float>(), n, H, w13.data_ptr<W_t>(), 2 * I, h.data_ptr<float>());
+  const auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I)).contiguous();
+  auto yf = at::empty({n, H}, xf.options());
+  skinny_gemm_nt(act.data_ptr<float>(), n, I, w2.data_ptr<W_t>(), H, yf.data_ptr<float>());
+  out.copy_(yf);
 }
 
 std::vector<int64_t> offsets_vector(const at::Tensor& offsets, int64_t num_rows) {
@@ -148,7 +148,16 @@ at::Tensor grouped_swiglu(const at::Tensor& x_in, const at::Tensor& offsets, con
   const auto off = offsets_vector(offsets, x.size(0));
   auto out = at::empty_like(x);
   if (off.back() < x.size(0)) out.narrow(0, off.back(), x.size(0) - off.back()).zero_();
-  for_each_slot(off, [&](int64_t s, int64_t a, int64_t n) {
+  const bool skinny_ok = skinny_gemm_available() && x.device().is_cpu() && w13.is_contiguous() &&
+                         w2.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+  for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
+    if (skinny_ok && n <= kSkinnyRows) {
+      if (x.scalar_type() == at::kFloat)
+        skinny_swiglu<float>(x.narrow(0, a, n), w13[s], w2[s], out.narrow(0, a, n));
+      else
+        skinny_swiglu<c10::BFloat16>(x.narrow(0, a, n), w13[s], w2[s], out.narrow(0, a, n));
+      return;
+    }
     const auto h = at::mm(x.narrow(0, a, n), w13[s].t());  // [n, 2I]
     const auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I));
     auto dst = out.narrow(0, a, n);
@@ -171,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward(
   auto grad_x = at::zeros_like(x);
   auto grad_w13 = at::zeros_like(w13);
   auto grad_w2 = at::zeros_like(w2);
-  for_each_slot(off, [&](int64_t s, int64_t a, int64_t n) {
+  for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
     const auto xs = x.narrow(0, a, n);
     const auto go = grad_out.narrow(0, a, n);
     const auto h = at::mm(xs, w13[s].t());

@@ -1,0 +1,92 @@
+#include "skinny_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace moe_resilient {
+namespace {
+
+constexpr int64_t kRowsPerTile = 2;  // rows of x per register tile
+constexpr int64_t kColsPerTile = 4;  // rows of W per register tile (independent streams)
+
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+__attribute__((target("avx2,fma"))) inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// One tile: rows m0..m0+MR of x against rows n0..n0+NR of W. Compile-time sizes keep acc in registers.
+template <typename W_t, int64_t MR, int64_t NR>
+__attribute__((target("avx2,fma"))) void tile(const float* x, int64_t m0, int64_t K, const W_t* W, int64_t n0,
+                                              int64_t N, float* y) {
+  constexpr int64_t mr = MR, nr = NR;
+  __m256 acc[MR][NR];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm256_setzero_ps();
+  const int64_t K8 = K - K % 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 w[NR];
+    for (int64_t j = 0; j < nr; ++j) w[j] = load8(W + (n0 + j) * K + k);
+    for (int64_t i = 0; i < mr; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
+      for (int64_t j = 0; j < nr; ++j) acc[i][j] = _mm256_fmadd_ps(xv, w[j], acc[i][j]);
+    }
+  }
+  for (int64_t i = 0; i < mr; ++i) {
+    for (int64_t j = 0; j < nr; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t k = K8; k < K; ++k) s += x[(m0 + i) * K + k] * static_cast<float>(W[(n0 + j) * K + k]);
+      y[(m0 + i) * N + n0 + j] = s;
+    }
+  }
+}
+
+template <typename W_t, int64_t MR>
+void tile_row(const float* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t nr, int64_t N, float* y) {
+  switch (nr) {
+    case 4: return tile<W_t, MR, 4>(x, m0, K, W, n0, N, y);
+    case 3: return tile<W_t, MR, 3>(x, m0, K, W, n0, N, y);
+    case 2: return tile<W_t, MR, 2>(x, m0, K, W, n0, N, y);
+    default: return tile<W_t, MR, 1>(x, m0, K, W, n0, N, y);
+  }
+}
+
+template <typename W_t>
+void skinny(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y) {
+  const int64_t col_tiles = (N + kColsPerTile - 1) / kColsPerTile;
+  // Each task streams >= 64 weight rows, so both cores run without per-tile scheduling cost.
+  at::parallel_for(0, col_tiles, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kColsPerTile, nr = std::min(kColsPerTile, N - n0);
+      int64_t m0 = 0;
+      for (; m0 + kRowsPerTile <= M; m0 += kRowsPerTile) tile_row<W_t, kRowsPerTile>(x, m0, K, W, n0, nr, N, y);
+      if (m0 < M) tile_row<W_t, 1>(x, m0, K, W, n0, nr, N, y);
+    }
+  });
+}
+
+}  // namespace
+
+bool skinny_gemm_available() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+void skinny_gemm_nt(const float* x, int64_t M, int64_t K, const float* W, int64_t N, float* y) {
+  skinny(x, M, K, W, N, y);
+}
+
+void skinny_gemm_nt(const float* x, int64_t M, int64_t K, const c10::BFloat16* W, int64_t N, float* y) {
+  skinny(x, M, K, W, N, y);
+}
+
+}  // namespace moe_resilient
