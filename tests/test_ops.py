@@ -88,3 +88,16 @@ def test_grouped_swiglu_bad_input():
         ops.grouped_swiglu(torch.randn(3, H), torch.zeros(S, dtype=torch.long), w13, w2)
     with pytest.raises(RuntimeError, match="non-decreasing"):
         ops.grouped_swiglu(torch.randn(3, H), torch.tensor([0, 2, 1, 3, 3, 3, 3]), w13, w2)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_swiglu_odd_sizes(rows, dtype):
+    """Hidden/intermediate sizes that are not multiples of the SIMD width, on both kernel paths."""
+    h, i, s = 13, 11, 3
+    offsets = torch.tensor([0, rows, rows, 2 * rows])
+    x = torch.randn(2 * rows, h, dtype=dtype)
+    w13, w2 = (torch.randn(s, 2 * i, h) / h**0.5).to(dtype), (torch.randn(s, h, i) / i**0.5).to(dtype)
+    want = ops.grouped_swiglu_reference(x.float(), offsets, w13.float(), w2.float())  # exact arithmetic
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(ops.grouped_swiglu(x, offsets, w13, w2).float(), want, rtol=tol, atol=tol)
