@@ -1,4 +1,7 @@
-"""Turn a pytest-benchmark JSON from test_forward.py into the markdown table of RESULTS.md."""
+"""Markdown tables for RESULTS.md from pytest-benchmark JSON files.
+
+    python benchmarks/report.py benchmarks/results/forward.json [benchmarks/results/indirection.json]
+"""
 
 import json
 import sys
@@ -22,20 +25,28 @@ def main(path: str) -> None:
         sizes = sorted({t for _, t in table})
         impls = [i for i in IMPLS if any((i, t) in table for t in sizes)]
         print(f"**{dtype}**, median ms (ratio to roofline):\n")
-        print("| tokens | roofline ms | " + " | ".join(impls) + " | indirection cost | ours / best HF |")
-        print("|---" * (len(impls) + 4) + "|")
+        print("| tokens | roofline ms | " + " | ".join(impls) + " | ours / best HF |")
+        print("|---" * (len(impls) + 3) + "|")
         for t in sizes:
             r = roof[(dtype, t)]
             cells = [f"{table[(i, t)] * 1e3:.2f} ({table[(i, t)] / r:.2f}x)" if (i, t) in table else "-" for i in impls]
             ours = table[("resilient_eager", t)]
             if ("resilient_compiled", t) in table:
                 ours = min(ours, table[("resilient_compiled", t)])
-            ind = (f"{(table[('resilient_eager', t)] / table[('fixed_placement', t)] - 1) * 100:+.1f}%"
-                   if ("fixed_placement", t) in table else "-")
             hf = min(table[(i, t)] for i in ("hf_eager", "hf_grouped_mm") if (i, t) in table)
-            print(f"| {t} | {r * 1e3:.2f} | " + " | ".join(cells) + f" | {ind} | {ours / hf:.2f}x |")
+            print(f"| {t} | {r * 1e3:.2f} | " + " | ".join(cells) + f" | {ours / hf:.2f}x |")
         print()
+
+
+def indirection(path: str) -> None:
+    print("Indirection cost, paired and alternating, same weights (median of per-pair ratios):\n")
+    print("| tokens | pairs | indirect / fixed |\n|---|---|---|")
+    for r in json.load(open(path))["benchmarks"]:
+        e = r["extra_info"]
+        print(f"| {e['tokens']} | {e['pairs']} | {e['median_ratio_indirect_over_fixed']:.3f} |")
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    if len(sys.argv) > 2:
+        indirection(sys.argv[2])
