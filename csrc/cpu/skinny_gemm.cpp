@@ -8,9 +8,6 @@
 namespace moe_resilient {
 namespace {
 
-constexpr int64_t kRowsPerTile = 2;  // rows of x per register tile
-constexpr int64_t kColsPerTile = 4;  // rows of W per register tile (independent streams)
-
 __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 __attribute__((target("avx2,fma"))) inline __m256 load8(const c10::BFloat16* p) {
@@ -27,7 +24,7 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
 // One tile: rows m0..m0+MR of x against rows n0..n0+NR of W. Compile-time sizes keep acc in registers.
 template <typename W_t, int64_t MR, int64_t NR>
 __attribute__((target("avx2,fma"))) void tile(const float* x, int64_t m0, int64_t K, const W_t* W, int64_t n0,
-                                              int64_t N, float* y) {
+                                              int64_t N, float* y, const W_t* prefetch) {
   constexpr int64_t mr = MR, nr = NR;
   __m256 acc[MR][NR];
   for (auto& row : acc)
@@ -36,6 +33,8 @@ __attribute__((target("avx2,fma"))) void tile(const float* x, int64_t m0, int64_
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 w[NR];
     for (int64_t j = 0; j < nr; ++j) w[j] = load8(W + (n0 + j) * K + k);
+    if (prefetch != nullptr)  // pull the next tile's weight rows in while this one computes
+      for (int64_t j = 0; j < nr; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * K + k), _MM_HINT_T0);
     for (int64_t i = 0; i < mr; ++i) {
       const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
       for (int64_t j = 0; j < nr; ++j) acc[i][j] = _mm256_fmadd_ps(xv, w[j], acc[i][j]);
@@ -51,25 +50,40 @@ __attribute__((target("avx2,fma"))) void tile(const float* x, int64_t m0, int64_
 }
 
 template <typename W_t, int64_t MR>
-void tile_row(const float* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t nr, int64_t N, float* y) {
+void tile_cols(const float* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t nr, int64_t N, float* y,
+               const W_t* pf) {
   switch (nr) {
-    case 4: return tile<W_t, MR, 4>(x, m0, K, W, n0, N, y);
-    case 3: return tile<W_t, MR, 3>(x, m0, K, W, n0, N, y);
-    case 2: return tile<W_t, MR, 2>(x, m0, K, W, n0, N, y);
-    default: return tile<W_t, MR, 1>(x, m0, K, W, n0, N, y);
+    case 4: return tile<W_t, MR, 4>(x, m0, K, W, n0, N, y, pf);
+    case 3: return tile<W_t, MR, 3>(x, m0, K, W, n0, N, y, pf);
+    case 2: return tile<W_t, MR, 2>(x, m0, K, W, n0, N, y, pf);
+    default: return tile<W_t, MR, 1>(x, m0, K, W, n0, N, y, pf);
+  }
+}
+
+template <typename W_t>
+void tile_any(const float* x, int64_t m0, int64_t mr, int64_t K, const W_t* W, int64_t n0, int64_t nr, int64_t N,
+              float* y, const W_t* pf) {
+  switch (mr) {
+    case 4: return tile_cols<W_t, 4>(x, m0, K, W, n0, nr, N, y, pf);
+    case 3: return tile_cols<W_t, 3>(x, m0, K, W, n0, nr, N, y, pf);
+    case 2: return tile_cols<W_t, 2>(x, m0, K, W, n0, nr, N, y, pf);
+    default: return tile_cols<W_t, 1>(x, m0, K, W, n0, nr, N, y, pf);
   }
 }
 
 template <typename W_t>
 void skinny(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y) {
-  const int64_t col_tiles = (N + kColsPerTile - 1) / kColsPerTile;
-  // Each task streams >= 64 weight rows, so both cores run without per-tile scheduling cost.
+  // Register tile: 12 accumulators + weight vectors + one x vector fit the 16 ymm registers.
+  // Few rows: 4 weight rows at a time (more independent streams); more rows: 4 x rows (more reuse).
+  const int64_t mr = M >= 4 ? 4 : M, nr = M >= 4 ? 3 : 4;
+  const int64_t col_tiles = (N + nr - 1) / nr;
+  // Each task streams >= 48 weight rows, so both cores run without per-tile scheduling cost.
   at::parallel_for(0, col_tiles, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kColsPerTile, nr = std::min(kColsPerTile, N - n0);
-      int64_t m0 = 0;
-      for (; m0 + kRowsPerTile <= M; m0 += kRowsPerTile) tile_row<W_t, kRowsPerTile>(x, m0, K, W, n0, nr, N, y);
-      if (m0 < M) tile_row<W_t, 1>(x, m0, K, W, n0, nr, N, y);
+      const int64_t n0 = t * nr, ncols = std::min(nr, N - n0);
+      const W_t* next = (M > mr && n0 + 2 * nr <= N) ? W + (n0 + nr) * K : nullptr;
+      for (int64_t m0 = 0; m0 < M; m0 += mr)
+        tile_any(x, m0, std::min(mr, M - m0), K, W, n0, ncols, N, y, m0 == 0 ? next : nullptr);
     }
   });
 }
