@@ -32,7 +32,8 @@ class MoEConfig:
     shared_expert_gate: scale it by sigmoid(Linear(H, 1)) as Qwen2-MoE does.
     router_dtype: compute router logits in this dtype (None: the input's; DeepSeek uses float32).
     degraded: what a step does for a top-k entry whose expert has no live replica:
-      "renormalize" drops it and rescales the remaining weights to the original top-k mass.
+      "renormalize" (default) drops it and rescales the remaining weights to the original top-k
+      mass; "raise" fails the step with a RuntimeError naming the expert. Dead slots are never read.
     """
 
     hidden_size: int
@@ -51,7 +52,7 @@ class MoEConfig:
     shared_expert_gate: bool = False
     router_dtype: torch.dtype | None = None
     static_placement: bool = False
-    degraded: Literal["renormalize"] = "renormalize"
+    degraded: Literal["renormalize", "raise"] = "renormalize"
 
     def __post_init__(self):
         slots = self.num_experts if self.num_slots is None else self.num_slots
@@ -70,8 +71,8 @@ class MoEConfig:
             problems.append(f"topk_groups must be in [1, num_groups={self.num_groups}]")
         if self.static_placement and slots != self.num_experts:
             problems.append("static_placement needs num_slots == num_experts")
-        if self.degraded != "renormalize":
-            problems.append(f"degraded must be 'renormalize', got {self.degraded!r}")
+        if self.degraded not in ("renormalize", "raise"):
+            problems.append(f"degraded must be 'renormalize' or 'raise', got {self.degraded!r}")
         if problems:
             raise ValueError("invalid MoEConfig: " + "; ".join(problems))
         object.__setattr__(self, "num_slots", slots)
@@ -161,6 +162,8 @@ class ResilientMoE(nn.Module):
             )
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False, dtype=dtype, device=device)
+        # Tokens routed to each logical expert since the last reset (feeds rebalancing).
+        self.register_buffer("expert_load", torch.zeros(config.num_experts, dtype=torch.long, device=device))
         # Replica slots start as copies of their expert's first slot.
         with torch.no_grad():
             for e in range(config.num_experts):
@@ -177,6 +180,8 @@ class ResilientMoE(nn.Module):
             )
         x = hidden_states.reshape(-1, c.hidden_size)  # [T, H]
         router_logits, topk_weights, topk_ids = self.gate(x)
+        ids = topk_ids.flatten()
+        self.expert_load.index_add_(0, ids, torch.ones_like(ids))  # in place: compile-safe
         out = self._routed_experts(x, topk_weights, topk_ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
@@ -193,7 +198,8 @@ class ResilientMoE(nn.Module):
             slot_ids, order, offsets = ops.route_to_slots(topk_ids, None, None, self.config.num_slots)
         else:
             p = self.placement
-            slot_ids, order, offsets = ops.route_to_slots(topk_ids, p.log2phy, p.logcnt, self.config.num_slots)
+            strict = self.config.degraded == "raise"
+            slot_ids, order, offsets = ops.route_to_slots(topk_ids, p.log2phy, p.logcnt, self.config.num_slots, strict)
         y_rows = self.experts(x[order // K], offsets)  # [T*K, H], rows grouped by slot
         y = torch.empty_like(y_rows).index_copy_(0, order, y_rows).view(T, K, x.shape[1])  # back to (token, k)
         live = slot_ids >= 0
@@ -201,6 +207,28 @@ class ResilientMoE(nn.Module):
         # Degraded step: rescale surviving entries to the full top-k mass (exactly 1 when all live).
         weights = weights * (topk_weights.sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1e-20))
         return torch.bmm(weights.unsqueeze(1), y.float()).squeeze(1).to(x.dtype)
+
+    # ----------------------------------------------------------------------------------- statistics
+    def read_load(self, reset: bool = False) -> torch.Tensor:
+        """[E] tokens routed to each logical expert since the last reset (a copy)."""
+        load = self.expert_load.clone()
+        if reset:
+            self.expert_load.zero_()
+        return load
+
+    def memory_overhead(self) -> dict:
+        """Bytes of expert slots beyond one copy per logical expert (redundant replicas and spares)."""
+        per_slot = (self.experts.w13[0].numel() + self.experts.w2[0].numel()) * self.experts.w13.element_size()
+        held = self.placement.phy2log >= 0
+        replicas = int(held.sum()) - int(torch.unique(self.placement.phy2log[held]).numel())
+        spares = int((~held).sum())
+        base = self.config.num_experts * per_slot
+        return {
+            "base_bytes": base,
+            "replica_bytes": replicas * per_slot,
+            "spare_bytes": spares * per_slot,
+            "overhead": (replicas + spares) * per_slot / base,
+        }
 
     # ----------------------------------------------------------------------------------- placement edits
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,10 +252,15 @@ class ResilientMoE(nn.Module):
         self.experts.w13[held] = w13.to(self.experts.w13)[experts_of]
         self.experts.w2[held] = w2.to(self.experts.w2)[experts_of]
 
-    def add_replica(self, expert: int, slot: int) -> None:
-        """Copy ``expert`` from a live replica into ``slot``, then route to it."""
-        w13, w2 = self.expert_weights(expert)
-        self.load_expert(expert, slot, w13, w2)
+    def add_replica(self, expert: int, slot: int, src_slot: int | None = None) -> None:
+        """Copy ``expert`` from a live replica (``src_slot``, default its first) into ``slot``, then route to it."""
+        if src_slot is None:
+            w13, w2 = self.expert_weights(expert)
+            self.load_expert(expert, slot, w13, w2)
+            return
+        if src_slot not in self.placement.slots_of(expert):
+            raise PlacementError(f"slot {src_slot} is not a live replica of expert {expert}")
+        self._edit(slot, expert, lambda: self.experts.copy_slot(slot, src_slot))
 
     def move_expert(self, expert: int, dst_slot: int, src_slot: int | None = None) -> None:
         """Move one replica of ``expert`` from ``src_slot`` (default: its first live slot) to ``dst_slot``."""

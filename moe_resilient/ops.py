@@ -17,13 +17,15 @@ _ops = torch.ops.moe_resilient
 
 
 def route_to_slots(
-    topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, num_slots: int
+    topk_ids: torch.Tensor, log2phy: torch.Tensor | None, logcnt: torch.Tensor | None, num_slots: int,
+    strict: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Replica choice and grouping by slot in one pass.
 
     topk_ids [T, K] int64 logical experts -> (slot_ids [T, K] (-1: no live replica),
-    order [T*K] flat pair indices sorted by slot (unroutable last), offsets [S+1])."""
-    return _ops.route_to_slots(topk_ids, log2phy, logcnt, num_slots)
+    order [T*K] flat pair indices sorted by slot (unroutable last), offsets [S+1]).
+    ``strict`` raises instead of marking a pair unroutable."""
+    return _ops.route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict)
 
 
 def grouped_swiglu(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -32,7 +34,7 @@ def grouped_swiglu(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2
 
 
 @torch.library.register_fake("moe_resilient::route_to_slots")
-def _route_to_slots_fake(topk_ids, log2phy, logcnt, num_slots):
+def _route_to_slots_fake(topk_ids, log2phy, logcnt, num_slots, strict=False):
     n = topk_ids.shape[0] * topk_ids.shape[1]
     return (
         torch.empty_like(topk_ids),
@@ -72,7 +74,7 @@ torch.library.register_autograd(
 # Plain PyTorch references (same contracts as the C++ ops).
 
 
-def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots):
+def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False):
     T, K = topk_ids.shape
     token = torch.arange(T, device=topk_ids.device).unsqueeze(1).expand(T, K)
     cnt = logcnt[topk_ids]

@@ -16,6 +16,7 @@ communication. Ties break towards the lower expert, rank and slot index.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -72,6 +73,7 @@ class Topology:
         )
 
 
+@functools.lru_cache(maxsize=None)
 def default_topology(world_size: int, local_world_size: int | None = None) -> Topology:
     """torchrec's planner Topology when torchrec is installed (CPU figures), else our defaults."""
     local = local_world_size or world_size
@@ -94,26 +96,29 @@ def default_topology(world_size: int, local_world_size: int | None = None) -> To
 _i64, _f64, _b1 = numba.int64, numba.float64, numba.boolean
 
 
-@numba.njit(_i64[:](_f64[:], _i64[:], _i64), cache=True)
-def _replica_counts(load, start, num_replicas):
+@numba.njit(_i64[:](_f64[:], _i64[:], _i64, _i64), cache=True)
+def _replica_counts(load, start, num_replicas, max_per_expert):
     """[E] replicas per expert: ``start`` (at least one each), then the expert with the largest load
-    per replica gets the next, until ``num_replicas`` in total."""
+    per replica gets the next, until ``num_replicas`` in total or every expert has ``max_per_expert``
+    (one per rank: a second copy on the same rank adds neither capacity nor safety)."""
     E = load.shape[0]
     counts = np.maximum(start, 1)
     for _ in range(num_replicas - counts.sum()):
-        best, best_val = 0, -1.0
+        best, best_val = -1, -1.0
         for e in range(E):
             v = load[e] / counts[e]
-            if v > best_val:
+            if counts[e] < max_per_expert and v > best_val:
                 best, best_val = e, v
+        if best < 0:
+            break
         counts[best] += 1
     return counts
 
 
 @numba.njit(_i64[:](_f64[:], _i64[:], _i64[:], _i64[:], _b1[:], _i64[:]), cache=True)
 def _pack(load, counts, phy2log, slot_rank, alive, rank_host):
-    """Place ``counts[e]`` replicas of each expert into the free (-1) slots of alive ranks, heaviest
-    replica first, each onto the rank minimising (rank holds e, host holds e, rank load, rank).
+    """Place ``counts[e]`` replicas of each expert into the free (-1) slots of alive ranks, each onto
+    the rank minimising (rank holds e, host holds e, rank load, rank).
     Slots already holding an expert stay and count towards loads. Returns the new phy2log."""
     E, S, W = load.shape[0], phy2log.shape[0], alive.shape[0]
     H = rank_host.max() + 1
@@ -162,6 +167,8 @@ def _pack(load, counts, phy2log, slot_rank, alive, rank_host):
                 best, best_key = r, key
         if best < 0:
             break  # no free slot left anywhere: the caller reports what is unplaced
+        if on_rank[best, e] > 0:
+            continue  # every rank with room already holds e
         for s in range(S):
             if slot_rank[s] == best and out[s] < 0:
                 out[s] = e
@@ -217,8 +224,8 @@ def _repair(phy2log, slot_rank, alive, load, rank_host, cost, shadow_in_memory, 
         order = np.argsort(weights, kind="mergesort")
         for i in range(n_lost):
             e = lost[order[i]]
-            # target: a spare slot on the least-loaded alive rank not holding e (then any)
-            target, t_holds = -1, False
+            # target: a spare slot on the least-loaded alive rank not holding e
+            target = -1
             for s in range(S):
                 r = slot_rank[s]
                 if not alive[r] or out[s] >= 0:
@@ -228,12 +235,10 @@ def _repair(phy2log, slot_rank, alive, load, rank_host, cost, shadow_in_memory, 
                     if slot_rank[s2] == r and out[s2] == e:
                         holds = True
                         break
-                if (
-                    target < 0
-                    or (not holds and t_holds)
-                    or (holds == t_holds and rank_load[r] < rank_load[slot_rank[target]])
-                ):
-                    target, t_holds = s, holds
+                if holds:
+                    continue  # a second copy on one rank adds neither capacity nor safety
+                if target < 0 or rank_load[r] < rank_load[slot_rank[target]]:
+                    target = s
             if target < 0 and pass_ == 0:  # no spare: reclaim the most redundant replica's slot
                 best_val = -1.0
                 for s in range(S):
@@ -369,7 +374,7 @@ def initial_placement(
         raise ValueError("load must be finite and non-negative")
     slot_rank = np.repeat(np.arange(W, dtype=np.int64), slots_per_rank)
     alive = np.ones(W, dtype=np.bool_)
-    counts = _replica_counts(load, np.ones(E, dtype=np.int64), num_replicas)
+    counts = _replica_counts(load, np.ones(E, dtype=np.int64), num_replicas, W)
     phy2log = _pack(load, counts, np.full(S, -1, dtype=np.int64), slot_rank, alive, topology.rank_host)
     return _finish(phy2log, slot_rank, alive, topology.rank_host, E), slot_rank
 
@@ -405,7 +410,7 @@ def rebalance(phy2log, slot_rank, alive, load, topology: Topology, num_replicas:
     num_replicas = capacity if num_replicas is None else min(num_replicas, capacity)
     if num_replicas < E:
         raise ValueError(f"{capacity} live slots cannot hold {E} experts")
-    counts = _replica_counts(load, np.ones(E, dtype=np.int64), num_replicas)
+    counts = _replica_counts(load, np.ones(E, dtype=np.int64), num_replicas, int(alive.sum()))
     target = _pack(load, counts, free, slot_rank, alive, topology.rank_host)
     new = _match(np.where(alive[slot_rank], phy2log, -1), np.where(alive[slot_rank], target, -1), slot_rank, alive)
     new = np.where(alive[slot_rank], new, phy2log)

@@ -24,7 +24,7 @@ namespace moe_resilient {
 //   offsets  [S+1]   rows of slot s are order[offsets[s]:offsets[s+1]].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
     const at::Tensor& topk_ids, const std::optional<at::Tensor>& log2phy, const std::optional<at::Tensor>& logcnt,
-    int64_t num_slots) {
+    int64_t num_slots, bool strict) {
   TORCH_CHECK(topk_ids.dim() == 2, "route_to_slots: topk_ids must be [T, K], got ", topk_ids.sizes());
   TORCH_CHECK(topk_ids.scalar_type() == at::kLong, "route_to_slots: topk_ids must be int64");
   TORCH_CHECK(num_slots > 0, "route_to_slots: num_slots must be positive");
@@ -65,6 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
     }
     const int64_t c = cnt_p[e];
     TORCH_CHECK(c >= 0 && c <= R, "route_to_slots: logcnt[", e, "] = ", c, " outside [0, ", R, "]");
+    TORCH_CHECK(c > 0 || !strict, "route_to_slots: expert ", e,
+                " has no live replica (degraded='raise'); run recover() or use degraded='renormalize'");
     int64_t s = -1;
     if (c > 0) {
       s = l2p_p[e * R + (i / K) % c];
@@ -202,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward(
 }
 
 TORCH_LIBRARY(moe_resilient, m) {
-  m.def("route_to_slots(Tensor topk_ids, Tensor? log2phy, Tensor? logcnt, int num_slots) -> (Tensor, Tensor, Tensor)");
+  m.def("route_to_slots(Tensor topk_ids, Tensor? log2phy, Tensor? logcnt, int num_slots, bool strict=False) -> (Tensor, Tensor, Tensor)");
   m.def("grouped_swiglu(Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> Tensor");
   m.def("grouped_swiglu_backward(Tensor grad_out, Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,143 @@
+"""recover(): after losing ranks, restore full expert coverage in place and keep serving.
+
+Per ResilientMoE layer: plan (numba, deterministic) -> route away from the dead ranks at once (experts
+with a surviving replica are served again by a pure remap, zero bytes moved) -> copy weights into
+target slots, each from its cheapest source (a live replica, or the shadow store), then flip the
+placement. Nothing recompiles: every update is an in-place copy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe_resilient import planner
+from moe_resilient.placement import PlacementError
+from moe_resilient.shadow import ShadowStore, resilient_layers
+
+
+@dataclass
+class RecoveryReport:
+    """What ``recover`` did. Times in seconds; bytes per source kind (planner.SOURCE_NAMES)."""
+
+    lost_ranks: list[int]
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    bytes_by_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    experts_remapped: int = 0  # served again by a surviving replica, no bytes moved
+    experts_restored: int = 0  # had no live replica; weights copied into a slot
+    replicas_added: int = 0  # redundancy lost with the dead ranks, copied back from a live replica
+    shadow_age_steps: dict[tuple[str, int], int] = field(default_factory=dict)
+    uncovered: dict[str, list[int]] = field(default_factory=dict)
+    single_homed: dict[str, list[int]] = field(default_factory=dict)
+    recompiles: int = 0
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.phase_seconds.values())
+
+    def summary(self) -> str:
+        phases = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in self.phase_seconds.items())
+        moved = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.bytes_by_source.items() if v) or "no bytes"
+        lost = {k: v for k, v in self.uncovered.items() if v}
+        return (f"lost ranks {self.lost_ranks}: {phases}; remapped {self.experts_remapped}, restored "
+                f"{self.experts_restored}, re-replicated {self.replicas_added}; moved {moved}; "
+                f"uncovered {lost or 'none'}; recompiles {self.recompiles}")
+
+
+def _compiles() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def recover(
+    model: nn.Module,
+    lost_ranks,
+    *,
+    shadow: ShadowStore | None = None,
+    topology: planner.Topology | None = None,
+    step: int | None = None,
+    restore_redundancy: bool = True,
+    probe: torch.Tensor | None = None,
+) -> RecoveryReport:
+    """Restore coverage of every ResilientMoE layer of ``model`` after losing ``lost_ranks``.
+
+    ``shadow`` supplies experts that lost every replica; without it they stay uncovered (reported,
+    and served degraded). ``step`` (current optimizer step) dates experts restored from shadow.
+    ``probe``, if given, is run through ``model`` afterwards and any compile it triggers is counted.
+    """
+    lost = sorted({int(r) for r in ([lost_ranks] if isinstance(lost_ranks, int) else lost_ranks)})
+    layers = resilient_layers(model)
+    if not layers:
+        raise ValueError("recover: the model has no ResilientMoE layer")
+    report = RecoveryReport(lost)
+    topologies = {n: topology or planner.default_topology(m.placement.world_size) for n, m in layers.items()}
+    compiles_before = _compiles()
+    plans = {}
+    t0 = time.perf_counter()
+    for name, layer in layers.items():  # validate and plan everything before touching anything
+        p = layer.placement
+        bad = [r for r in lost if not 0 <= r < p.world_size]
+        if bad:
+            raise PlacementError(f"recover: ranks {bad} out of range [0, {p.world_size}) in layer {name!r}")
+        topo = topologies[name]
+        alive = p.active.cpu().numpy().copy()
+        alive[lost] = False
+        load = layer.expert_load.cpu().numpy().astype(np.float64) + 1.0  # unseen experts still count
+        plans[name] = planner.repair_plan(
+            p.phy2log.cpu().numpy(), p.slot_rank.cpu().numpy(), alive, load, topo,
+            restore_redundancy=restore_redundancy,
+        )
+    if shadow is not None:
+        shadow.validate(model)
+    report.phase_seconds["plan"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for name, layer in layers.items():
+        p = layer.placement
+        on_lost = set(p.phy2log[torch.isin(p.slot_rank, torch.tensor(lost, device=p.slot_rank.device))].tolist()) - {-1}
+        p.mark_dead(lost, allow_uncovered=True)  # dead slots leave routing now
+        report.experts_remapped += len(on_lost - set(p.uncovered()))
+    report.phase_seconds["remap"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for name, layer in layers.items():
+        plan = plans[name]
+        slot_bytes = (layer.experts.w13[0].numel() + layer.experts.w2[0].numel()) * layer.experts.w13.element_size()
+        for target, expert, kind, src in plan.copies.tolist():
+            if kind in (planner.SOURCE_SHADOW_MEMORY, planner.SOURCE_SHADOW_DISK):
+                if shadow is None:
+                    continue
+                report.bytes_by_source[planner.SOURCE_NAMES[kind]] += shadow.restore(layer, name, expert, target)
+                report.shadow_age_steps[(name, expert)] = (step - shadow.step(name)) if step is not None else 0
+                report.experts_restored += 1
+            else:
+                layer.add_replica(expert, target, src_slot=src)
+                report.bytes_by_source[planner.SOURCE_NAMES[kind]] += slot_bytes
+                report.replicas_added += 1
+        report.uncovered[name] = layer.placement.uncovered()
+        report.single_homed[name] = plan.single_homed
+    report.phase_seconds["restore"] = time.perf_counter() - t0
+
+    if probe is not None:
+        with torch.no_grad():
+            model(probe)
+    report.recompiles = _compiles() - compiles_before
+    report.bytes_by_source = dict(report.bytes_by_source)
+    return report
+
+
+def memory_report(model: nn.Module) -> dict:
+    """Bytes of redundant replicas and spare slots against one copy of every expert, over all layers
+    (ReviveMoE reports ~8% for its standbys)."""
+    totals = defaultdict(int)
+    for layer in resilient_layers(model).values():
+        for k, v in layer.memory_overhead().items():
+            if k != "overhead":
+                totals[k] += v
+    totals = dict(totals)
+    totals["overhead"] = (totals["replica_bytes"] + totals["spare_bytes"]) / max(totals["base_bytes"], 1)
+    return totals
