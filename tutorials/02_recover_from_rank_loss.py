@@ -14,7 +14,7 @@ from moe_resilient import MoEConfig, ResilientMoE, ShadowStore, memory_report, r
 from moe_resilient import planner
 
 torch.manual_seed(0)
-E, W, SLOTS_PER_RANK = 16, 4, 5  # 20 slots: 16 experts + 4 redundant replicas
+E, W, SLOTS_PER_RANK = 12, 4, 5  # 20 slots: 12 experts + 8 redundant replicas
 
 # 1. Plan: replicas for the most loaded experts, spread over ranks and hosts (2 ranks per host).
 topology = planner.Topology(world_size=W, local_world_size=2)
@@ -34,13 +34,12 @@ compiled = torch.compile(layer, fullgraph=True)
 with torch.no_grad():
     healthy = compiled(x)
 
-# 4. Rank 1 dies, then rank 2: recover each time; the compiled graph is reused as is.
+# 4. Rank 1 dies: recover() remaps experts that have a replica elsewhere, restores the rest from
+#    the shadow store into reclaimed slots, and the compiled graph is reused as is.
 with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-    for lost in ([1], [2]):
-        report = recover(layer, lost, shadow=store, topology=topology, probe=x)
-        print(report.summary())
-        served = compiled(x)
-        print("  max |out - healthy|:", (served - healthy).abs().max().item(),
-              "uncovered:", layer.placement.uncovered())
-        assert report.recompiles == 0 and torch.allclose(served, healthy, atol=1e-5)
+    report = recover(layer, [1], shadow=store, topology=topology, probe=x)
+    print(report.summary())
+    served = compiled(x)
+print("max |out - healthy|:", (served - healthy).abs().max().item(), "uncovered:", layer.placement.uncovered())
+assert report.recompiles == 0 and torch.allclose(served, healthy, atol=1e-5)
 print("no recompiles, same answers")
