@@ -8,6 +8,7 @@ placement. Nothing recompiles: every update is an in-place copy.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class RecoveryReport:
 
 
 def _compiles() -> int:
+    if "torch._dynamo" not in sys.modules:  # nothing compiled yet; importing dynamo costs seconds
+        return 0
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
@@ -62,12 +65,18 @@ def recover(
     step: int | None = None,
     restore_redundancy: bool = True,
     probe: torch.Tensor | None = None,
+    local_rank: int | None = None,
 ) -> RecoveryReport:
     """Restore coverage of every ResilientMoE layer of ``model`` after losing ``lost_ranks``.
 
     ``shadow`` supplies experts that lost every replica; without it they stay uncovered (reported,
     and served degraded). ``step`` (current optimizer step) dates experts restored from shadow.
     ``probe``, if given, is run through ``model`` afterwards and any compile it triggers is counted.
+
+    Under expert parallelism every rank calls this with the same arguments and its ``local_rank``:
+    the plan is deterministic, so all ranks make the same placement edits, and each rank writes
+    weights only into the slots it owns (a source replica on another rank is replaced by the shadow
+    store, which every rank of a host reads from the same page cache).
     """
     lost = sorted({int(r) for r in ([lost_ranks] if isinstance(lost_ranks, int) else lost_ranks)})
     layers = resilient_layers(model)
@@ -107,16 +116,26 @@ def recover(
     for name, layer in layers.items():
         plan = plans[name]
         slot_bytes = (layer.experts.w13[0].numel() + layer.experts.w2[0].numel()) * layer.experts.w13.element_size()
+        owner = layer.placement.slot_rank.tolist()
         for target, expert, kind, src in plan.copies.tolist():
-            if kind in (planner.SOURCE_SHADOW_MEMORY, planner.SOURCE_SHADOW_DISK):
-                if shadow is None:
-                    continue
+            from_shadow = kind in (planner.SOURCE_SHADOW_MEMORY, planner.SOURCE_SHADOW_DISK)
+            # a replica on another rank than the target's owner comes from the shadow instead;
+            # every rank evaluates the same conditions, so all make the same placement edits
+            remote = not from_shadow and local_rank is not None and owner[src] != owner[target]
+            if (from_shadow or remote) and shadow is None:
+                continue  # reported as uncovered (or less redundant)
+            if local_rank is not None and owner[target] != local_rank:
+                layer.placement.assign(target, expert)  # its owner writes the weights
+            elif from_shadow or remote:
+                kind = kind if from_shadow else planner.SOURCE_SHADOW_MEMORY
                 report.bytes_by_source[planner.SOURCE_NAMES[kind]] += shadow.restore(layer, name, expert, target)
-                report.shadow_age_steps[(name, expert)] = (step - shadow.step(name)) if step is not None else 0
-                report.experts_restored += 1
             else:
                 layer.add_replica(expert, target, src_slot=src)
                 report.bytes_by_source[planner.SOURCE_NAMES[kind]] += slot_bytes
+            if from_shadow:
+                report.shadow_age_steps[(name, expert)] = (step - shadow.step(name)) if step is not None else 0
+                report.experts_restored += 1
+            else:
                 report.replicas_added += 1
         report.uncovered[name] = layer.placement.uncovered()
         report.single_homed[name] = plan.single_homed

@@ -1,0 +1,201 @@
+"""Failure drill: N ranks serve a tiny MoE transformer with expert parallelism; one rank is
+SIGKILLed (or SIGSTOPped) mid-stream; survivors agree, recover in place and keep serving; optionally a
+replacement rejoins. ``--baseline restart`` measures what every other stack does instead.
+
+Worker protocol (one JSON line per event in ``out_dir/rank{r}.jsonl``):
+    {"step", "batch_of", "served_by", "gen", "t0", "t1", "tokens"}      a batch served
+    {"event": "failure", "step", "lost", "t_detect", "t_recovered", "recovery"}
+    {"event": "admitted", "ranks", "step", "t"}    {"event": "fenced", "t", "error"}
+    {"event": "restart_ready", "t"}                (baseline: weights loaded, compiled, warm)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe_resilient import planner
+from moe_resilient.dispatch import ep_forward
+from moe_resilient.group import ElasticGroup, FencedError, RankFailure
+from moe_resilient.layer import MoEConfig, ResilientMoE
+from moe_resilient.recovery import recover
+from moe_resilient.shadow import ShadowStore, resilient_layers
+
+HIDDEN, INTER, EXPERTS, TOP_K, LAYERS = 64, 128, 8, 2, 2
+
+
+class DrillModel(nn.Module):
+    """x [T, H] -> [T, H]: LAYERS pre-norm residual MoE blocks (the MoE half of a transformer)."""
+
+    def __init__(self, world_size: int, slots_per_rank: int, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        topo = planner.Topology(world_size, world_size)
+        plan, slot_rank = planner.initial_placement(np.ones(EXPERTS), topo, slots_per_rank)
+        cfg = MoEConfig(HIDDEN, INTER, EXPERTS, TOP_K, num_slots=world_size * slots_per_rank, world_size=world_size)
+        self.norms = nn.ModuleList(nn.RMSNorm(HIDDEN) for _ in range(LAYERS))
+        self.moe = nn.ModuleList(ResilientMoE(cfg, phy2log=plan.phy2log, slot_rank=slot_rank) for _ in range(LAYERS))
+        for layer in self.moe:  # one set of logical weights, copied into every replica slot
+            w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN) / HIDDEN**0.5
+            w2 = torch.randn(EXPERTS, HIDDEN, INTER) / INTER**0.5
+            layer.load_logical_weights(w13, w2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, layer in zip(self.norms, self.moe):
+            x = x + layer(norm(x))
+        return x
+
+    def ep(self, x: torch.Tensor, group: ElasticGroup) -> torch.Tensor:
+        for norm, layer in zip(self.norms, self.moe):
+            x = x + ep_forward(layer, norm(x), group)
+        return x
+
+
+def make_batch(step: int, batch_of: int, tokens: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1_000_003 * step + batch_of)
+    return torch.randn(tokens, HIDDEN, generator=g)
+
+
+def _sync_placement(model: DrillModel, group: ElasticGroup, root: int, step: int) -> int:
+    """Broadcast the step counter and every layer's placement from ``root``; returns the step."""
+    layers = list(model.moe)
+    S, W = layers[0].config.num_slots, group.world_size
+    buf = torch.zeros(1 + len(layers) * (S + W), dtype=torch.long)
+    buf[0] = step
+    for i, layer in enumerate(layers):
+        buf[1 + i * (S + W): 1 + i * (S + W) + S] = layer.placement.phy2log
+        buf[1 + i * (S + W) + S: 1 + (i + 1) * (S + W)] = layer.placement.active.long()
+    group.broadcast(buf, root)
+    for i, layer in enumerate(layers):
+        chunk = buf[1 + i * (S + W): 1 + (i + 1) * (S + W)]
+        layer.placement._commit(chunk[:S].clone(), chunk[S:].bool(), allow_uncovered=True)
+    return int(buf[0])
+
+
+def _readmit(model: DrillModel, group: ElasticGroup, shadow: ShadowStore, step: int) -> tuple[int, list[int]]:
+    """Every member (joiners included) right after an admission: agree on placement and step with the
+    members of the previous generation, then give the joiners slots back by the deterministic
+    readmission plan; each slot's owner loads its weights from shadow."""
+    previous = set(group.members_of(group.generation - 1))
+    joiners = sorted(set(group.members) - previous)
+    step = _sync_placement(model, group, min(set(group.members) & previous), step)
+    names = {id(m): n for n, m in resilient_layers(model).items()}
+    for layer in model.moe:
+        p = layer.placement
+        for r in joiners:
+            alive = p.active.cpu().numpy().copy()
+            alive[r] = False
+            plan = planner.readmit_plan(p.phy2log.numpy(), p.slot_rank.numpy(), alive, r,
+                                        np.ones(layer.config.num_experts), planner.Topology(group.world_size, group.world_size))
+            p.mark_alive(r)
+            for target, expert, _, _ in plan.copies.tolist():
+                if int(p.slot_rank[target]) == group.rank:
+                    shadow.restore(layer, names[id(layer)], expert, target)
+                else:
+                    p.assign(target, expert)
+    return step, joiners
+
+
+def worker(args) -> int:
+    rank = int(os.environ["RANK"])
+    log = open(os.path.join(args.out_dir, f"rank{rank}.jsonl"), "a", buffering=1)
+
+    def emit(**rec):
+        log.write(json.dumps(rec) + "\n")
+
+    model = DrillModel(int(os.environ["WORLD_SIZE"]), args.slots_per_rank, args.seed).eval()
+    if args.restart:  # baseline: weights from safetensors, compile, warm up
+        shadow = ShadowStore.open(args.shadow)
+        for name, layer in resilient_layers(model).items():
+            for e in range(layer.config.num_experts):
+                w13, w2 = shadow.read_expert(name, e)
+                for s in layer.placement.slots_of(e):
+                    layer.experts.write_slot(s, w13, w2)
+        compiled = torch.compile(model, fullgraph=True)
+        with torch.no_grad():
+            compiled(make_batch(0, rank, args.tokens))
+    group = ElasticGroup.from_env(timeout=args.collective_timeout, heartbeat_timeout=args.heartbeat_timeout).start()
+    shadow = ShadowStore.open(args.shadow)
+    step = 0
+    if group.joined:
+        step, joiners = _readmit(model, group, shadow, 0)
+        emit(event="admitted", ranks=joiners, step=step, t=time.time())
+    if args.restart:
+        emit(event="restart_ready", t=time.time())
+    pending = []  # (step, batch_of) of dead ranks' in-flight batches to re-run
+    with torch.no_grad():
+        while step < args.steps:
+            batch_of, served = rank, make_batch(step, rank, args.tokens)
+            if pending and rank == min(group.members):
+                batch_step, batch_of = pending[0]
+                served = make_batch(batch_step, batch_of, args.tokens)
+            elif pending:
+                served = served[:0]  # others take part in the make-up step with no tokens
+            t0 = time.time()
+            try:
+                out = model.ep(served, group)
+            except RankFailure as failure:
+                t_agreed = time.time()
+                t_detect = t_agreed - (time.monotonic() - group.last_failure_detect_s)
+                report = recover(model, failure.lost_ranks, shadow=shadow, local_rank=rank,
+                                 topology=planner.Topology(group.world_size, group.world_size))
+                emit(event="failure", step=step, lost=failure.lost_ranks, t_detect=t_detect, t_agreed=t_agreed,
+                     t_recovered=time.time(),
+                     gen=group.generation, recovery=report.summary(), uncovered=report.uncovered)
+                pending += [(step, r) for r in failure.lost_ranks]
+                continue
+            except FencedError as exc:
+                emit(event="fenced", t=time.time(), error=str(exc))
+                return 3
+            t1 = time.time()
+            if pending:
+                batch_step, dead = pending.pop(0)
+                if rank == min(group.members):
+                    emit(step=batch_step, batch_of=dead, served_by=rank, gen=group.generation, t0=t0, t1=t1,
+                         tokens=args.tokens, makeup=True)
+                    if args.save_outputs:
+                        torch.save(out, os.path.join(args.out_dir, f"out_s{batch_step}_b{dead}.pt"))
+            else:
+                emit(step=step, batch_of=rank, served_by=rank, gen=group.generation, t0=t0, t1=t1, tokens=args.tokens)
+                if args.save_outputs:
+                    torch.save(out, os.path.join(args.out_dir, f"out_s{step}_b{rank}.pt"))
+                step += 1
+            if group.step_boundary():
+                step, joiners = _readmit(model, group, shadow, step)
+                emit(event="admitted", ranks=joiners, step=step, t=time.time())
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+    group.close()
+    return 0
+
+
+def worker_args(argv=None):
+    ap = argparse.ArgumentParser("moe_resilient.drill worker")
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--shadow", required=True)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--slots-per-rank", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--collective-timeout", type=float, default=1.0)
+    ap.add_argument("--heartbeat-timeout", type=float, default=1.0)
+    ap.add_argument("--step-sleep", type=float, default=0.0)
+    ap.add_argument("--save-outputs", action="store_true")
+    ap.add_argument("--restart", action="store_true")
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    code = worker(worker_args())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Abandoned gloo groups of old generations cannot be torn down cleanly (PyTorch #130345):
+    # leave without running their destructors.
+    os._exit(code)

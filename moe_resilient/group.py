@@ -1,0 +1,288 @@
+"""ElasticGroup: a process group whose membership changes at run time.
+
+Membership moves in generations, all kept in a TCPStore that lives outside the workers (torchrun's
+agent store, or the ``moe-resilient launch`` process), so any rank, rank 0 included, can die::
+
+    gen                      current generation g
+    gen/{g}/members          JSON list of the global ranks in generation g
+    gen/{g}/pg/...           gloo rendezvous of generation g (a fresh PrefixStore each time)
+    gen/{g}/checkin/{r}      survivor r reached agreement after a failure in generation g
+    gen/{g}/decision         members of generation g+1 (compare_set: the first proposal wins, so
+                             every survivor adopts the same membership)
+    hb/{r}                   heartbeat counter of rank r (control channel, own connection/thread)
+    dead/{r}                 set by a launcher that saw rank r exit
+    join/count, join/seq/{i} a replacement asks to be admitted (i-th request names its rank)
+    gen/{g}/admitted         join requests admitted up to generation g
+
+Failure detection: a collective that errors (a crashed peer resets its connections at once) or times
+out (a hung peer), heartbeats that stop advancing, or a launcher's death notice. Survivors check in
+and propose everyone who neither checked in nor is alive by heartbeat; the first proposal stored
+wins. A rank left out of the decision is fenced: it gets FencedError and never touches the new
+generation's communicator. The old gloo group is abandoned, never destroyed (gloo cannot abort).
+
+Joins ride the data path: ``exchange_counts`` (the all-to-all of split sizes that every EP step does
+anyway) carries one extra word, the number of join requests each rank has seen, so all members learn
+the same value in the same step with no extra synchronisation, and admit at that step's end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class RankFailure(RuntimeError):
+    """A collective met dead or hung ranks. ``lost_ranks`` is the agreed dead set; the group has
+    already moved to ``generation`` without them."""
+
+    def __init__(self, lost_ranks: list[int], generation: int, cause: str = ""):
+        self.lost_ranks = list(lost_ranks)
+        self.generation = generation
+        super().__init__(f"lost ranks {self.lost_ranks}; group rebuilt as generation {generation}. {cause}".strip())
+
+
+class FencedError(RuntimeError):
+    """This rank was excluded from the group (presumed dead) and may not take part any more."""
+
+
+def _timedelta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+class ElasticGroup:
+    """Mutable-membership wrapper over gloo (CPU) process groups.
+
+    ``rank`` is a stable global id in [0, world_size); ``world_size`` is the largest membership, which
+    fixes every shape. Collectives run over the current generation's members only.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        *,
+        timeout: float = 2.0,
+        heartbeat_interval: float = 0.05,
+        heartbeat_timeout: float = 1.0,
+        agree_timeout: float = 5.0,
+        prefix: str = "moe_resilient",
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.rank, self.world_size = rank, world_size
+        self.timeout, self.heartbeat_interval = timeout, heartbeat_interval
+        self.heartbeat_timeout, self.agree_timeout = heartbeat_timeout, agree_timeout
+        self._host, self._port, self._prefix = host, port, prefix
+        self.store = self._connect()
+        self.generation = -1
+        self.members: tuple[int, ...] = ()
+        self._pg = None
+        self.joined = False  # True when this process entered as a replacement
+        self._seen_joins = 0  # join requests this rank has seen (background thread)
+        self._admitted = 0  # join requests admitted so far (agreed in-band)
+        self._admit_target = 0
+        self._stop = threading.Event()
+        self._hb_thread = threading.Thread(target=self._heartbeat, name="elastic-heartbeat", daemon=True)
+        self._hb_thread.start()
+        self.last_failure_detect_s: float | None = None
+
+    @classmethod
+    def from_env(cls, **kwargs) -> ElasticGroup:
+        """From torchrun's (or ``moe-resilient launch``'s) environment: MASTER_ADDR/PORT, RANK,
+        WORLD_SIZE. The store at MASTER_ADDR:MASTER_PORT must be hosted by the agent/launcher."""
+        try:
+            host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        except KeyError as exc:
+            raise RuntimeError(f"ElasticGroup.from_env: {exc.args[0]} is not set") from None
+        return cls(host, port, rank, world, **kwargs)
+
+    def _connect(self) -> dist.Store:
+        client = dist.TCPStore(self._host, self._port, is_master=False, timeout=_timedelta(30), wait_for_workers=False)
+        return dist.PrefixStore(self._prefix, client)
+
+    # ----------------------------------------------------------------------------------- membership
+    def start(self) -> ElasticGroup:
+        """Form generation 0 with every rank, or, if the group already runs, ask to be admitted and
+        wait until a generation lists this rank."""
+        self.store.set(f"hb/{self.rank}", "0")
+        if self.store.check(["gen"]):
+            return self._join()
+        self.store.set(f"init/{self.rank}", "1")
+        self.store.wait([f"init/{r}" for r in range(self.world_size)], _timedelta(60))
+        self.store.compare_set("gen", "", "0")
+        self.store.compare_set("gen/0/members", "", json.dumps(list(range(self.world_size))))
+        self._enter(0)
+        return self
+
+    def members_of(self, g: int) -> tuple[int, ...]:
+        return tuple(json.loads(self.store.get(f"gen/{g}/members")))
+
+    def _enter(self, g: int) -> None:
+        members = self.members_of(g)
+        if self.rank not in members:
+            raise FencedError(f"rank {self.rank} is not a member of generation {g} (members {list(members)})")
+        pg_store = dist.PrefixStore(f"gen/{g}/pg/", self.store)
+        self._pg = dist.ProcessGroupGloo(pg_store, members.index(self.rank), len(members), _timedelta(self.timeout))
+        self.generation, self.members = g, members
+        admitted = f"gen/{g}/admitted"
+        self._admitted = int(self.store.get(admitted)) if self.store.check([admitted]) else 0
+        self._admit_target = max(self._admit_target, self._admitted)
+
+    def _join(self) -> ElasticGroup:
+        self.store.delete_key(f"dead/{self.rank}")  # the launcher's notice was for our predecessor
+        seq = self.store.add("join/count", 1)
+        self.store.set(f"join/seq/{seq}", str(self.rank))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            g = int(self.store.get("gen"))
+            if self.rank in self.members_of(g):
+                self._enter(g)
+                self.joined = True
+                return self
+            time.sleep(0.01)
+        raise TimeoutError(f"rank {self.rank} was not admitted within 120 s")
+
+    def check_fenced(self) -> None:
+        """Raise FencedError if a newer generation left this rank out."""
+        g = int(self.store.get("gen"))
+        if g != self.generation and self.rank not in self.members_of(g):
+            raise FencedError(
+                f"rank {self.rank} was excluded at generation {g} (it was in {self.generation}); "
+                "it is presumed dead: restart it to rejoin"
+            )
+
+    # ----------------------------------------------------------------------------------- heartbeat
+    def _heartbeat(self) -> None:
+        store = self._connect()  # its own connection: the control channel never queues behind data
+        beat = 0
+        while not self._stop.is_set():
+            beat += 1
+            try:
+                store.set(f"hb/{self.rank}", str(beat))
+                self._seen_joins = int(store.add("join/count", 0))
+            except Exception:  # the launcher went away: nothing left to report to
+                return
+            self._stop.wait(self.heartbeat_interval)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # ----------------------------------------------------------------------------------- collectives
+    def _run(self, work_fn):
+        """Run one collective; a crash or timeout becomes agreement, a new generation, RankFailure."""
+        if self._pg is None:
+            raise RuntimeError("ElasticGroup.start() has not been called")
+        try:
+            work = work_fn(self._pg)
+            work.wait(_timedelta(self.timeout))
+        except FencedError:
+            raise
+        except Exception as exc:  # gloo: "Connection closed by peer" / "Timed out"
+            self.last_failure_detect_s = time.monotonic()
+            lost = self._agree()
+            raise RankFailure(lost, self.generation, f"cause: {str(exc).splitlines()[0][:160]}") from None
+
+    def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+        """send_counts [W] int64 (rows for each global rank) -> recv_counts [W]. Also carries the
+        join word (see module docstring); call ``step_boundary`` after the step."""
+        members = self.members
+        n = len(members)
+        send = torch.empty(n, 2, dtype=torch.long)
+        send[:, 0] = send_counts[list(members)]
+        send[:, 1] = self._seen_joins
+        recv = torch.empty(n, 2, dtype=torch.long)
+        self._run(lambda pg: pg.alltoall_base(recv.view(-1), send.view(-1), [2] * n, [2] * n))
+        self._admit_target = max(self._admit_target, int(recv[:, 1].min()))
+        out = torch.zeros(self.world_size, dtype=torch.long)
+        out[list(members)] = recv[:, 0]
+        return out
+
+    def all_to_all(self, send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
+        """send [sum(send_counts), ...] rows grouped by destination global rank -> received rows
+        grouped by source global rank. Counts are [W]; non-members must be 0."""
+        members = list(self.members)
+        recv = send.new_empty((int(recv_counts.sum()), *send.shape[1:]))
+        in_splits = send_counts[members].tolist()
+        out_splits = recv_counts[members].tolist()
+        self._run(lambda pg: pg.alltoall_base(recv, send.contiguous(), out_splits, in_splits))
+        return recv
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._run(lambda pg: pg.allreduce([tensor]))
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
+        """Broadcast from global rank ``root`` (a member)."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank = self.members.index(root)
+        self._run(lambda pg: pg.broadcast([tensor], opts))
+        return tensor
+
+    def barrier(self) -> None:
+        self.all_reduce(torch.zeros(1))
+
+    # ----------------------------------------------------------------------------------- agreement
+    def _alive_by_heartbeat(self, candidates, since: dict) -> set[int]:
+        """Members whose heartbeat advanced since ``since`` (a first reading)."""
+        now = dict(zip(candidates, (int(v) for v in self.store.multi_get([f"hb/{r}" for r in candidates]))))
+        return {r for r in candidates if now[r] != since[r]}
+
+    def _agree(self) -> list[int]:
+        """After a failed collective: check in, wait until each member has checked in or is known
+        dead (launcher notice, or no heartbeat for heartbeat_timeout), propose, adopt the decision."""
+        g, members = self.generation, self.members
+        self.store.set(f"gen/{g}/checkin/{self.rank}", "1")
+        first = dict(zip(members, (int(v) for v in self.store.multi_get([f"hb/{r}" for r in members]))))
+        start = time.monotonic()
+        proposal = None
+        while not self.store.check([f"gen/{g}/decision"]):
+            checked = {r for r in members if self.store.check([f"gen/{g}/checkin/{r}"])}
+            dead = {r for r in members if self.store.check([f"dead/{r}"])}
+            waited = time.monotonic() - start
+            undecided = set(members) - checked - dead
+            if undecided and waited > self.heartbeat_timeout:  # silent since we started: dead or hung
+                undecided &= self._alive_by_heartbeat(sorted(undecided), first)
+            if not undecided or waited > self.agree_timeout:
+                proposal = [r for r in members if r in checked]
+                self.store.compare_set(f"gen/{g}/decision", "", json.dumps(proposal))
+                break
+            time.sleep(0.002)
+        survivors = json.loads(self.store.get(f"gen/{g}/decision"))
+        lost = sorted(set(members) - set(survivors))
+        if self.rank not in survivors:
+            raise FencedError(f"rank {self.rank} was left out of generation {g + 1}; it is presumed dead")
+        self.store.compare_set(f"gen/{g + 1}/members", "", json.dumps(survivors))
+        self.store.compare_set(f"gen/{g + 1}/admitted", "", str(self._admitted))
+        self.store.compare_set("gen", str(g), str(g + 1))
+        self._enter(g + 1)
+        return lost
+
+    # ----------------------------------------------------------------------------------- joins
+    def pending_admission(self) -> bool:
+        """True when this step's count exchange agreed that join requests are waiting."""
+        return self._admit_target > self._admitted
+
+    def step_boundary(self) -> list[int]:
+        """Admit replacements agreed in-band during this step. Every member calls this after the
+        same step; returns the admitted ranks ([] almost always)."""
+        if not self.pending_admission():
+            return []
+        g, target = self.generation, self._admit_target
+        seq_keys = [f"join/seq/{i}" for i in range(self._admitted + 1, target + 1)]
+        self.store.wait(seq_keys, _timedelta(10))
+        joiners = sorted({int(v) for v in self.store.multi_get(seq_keys)} - set(self.members))
+        self.store.compare_set(f"gen/{g + 1}/members", "", json.dumps(sorted(set(self.members) | set(joiners))))
+        self.store.compare_set(f"gen/{g + 1}/admitted", "", str(target))
+        self.store.compare_set("gen", str(g), str(g + 1))
+        before = set(self.members)
+        self._enter(g + 1)
+        return sorted(set(self.members) - before)

@@ -1,0 +1,131 @@
+"""Launcher that survives its workers: hosts the TCPStore, spawns ranks with a torchrun-compatible
+environment, tells the group when a rank exits (``dead/{r}``), never kills survivors, and with
+``respawn`` starts a replacement that rejoins by itself.
+
+torchrun, by contrast, restarts the whole local worker group when a local worker exits non-zero;
+a node that vanishes in a multi-node job does not fail the other nodes' workers, whose ElasticGroup
+then carries on (see tests/test_torchrun.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch.distributed as dist
+
+STORE_PREFIX = "moe_resilient/"
+
+
+class Launcher:
+    """Spawn ``nproc`` copies of ``cmd`` as ranks 0..nproc-1. Children are tracked by PID only."""
+
+    def __init__(self, nproc: int, cmd: list[str], *, respawn: bool = False, env: dict | None = None,
+                 host: str = "127.0.0.1", log_dir: str | None = None, max_respawns: int = 8):
+        if nproc < 1:
+            raise ValueError("nproc must be >= 1")
+        self.nproc, self.cmd, self.respawn, self.host = nproc, list(cmd), respawn, host
+        self.extra_env = dict(env or {})
+        self.log_dir = log_dir
+        self.max_respawns = max_respawns
+        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(60))
+        self.port = self.store.port
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.exits: list[tuple[int, int, float]] = []  # (rank, return code, time)
+        self.respawned = 0
+        self._reaped: set[int] = set()
+        self._logs = []
+
+    def env_for(self, rank: int) -> dict:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env.update(MASTER_ADDR=self.host, MASTER_PORT=str(self.port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(self.nproc), LOCAL_WORLD_SIZE=str(self.nproc), GROUP_RANK="0",
+                   TORCHELASTIC_USE_AGENT_STORE="True")
+        return env
+
+    def _spawn(self, rank: int) -> None:
+        out = None
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            out = open(os.path.join(self.log_dir, f"rank{rank}.log"), "ab")
+            self._logs.append(out)
+        self.procs[rank] = subprocess.Popen(self.cmd, env=self.env_for(rank), stdout=out, stderr=subprocess.STDOUT
+                                            if out else None)
+
+    def start(self) -> Launcher:
+        for r in range(self.nproc):
+            self._spawn(r)
+        return self
+
+    def pid(self, rank: int) -> int:
+        return self.procs[rank].pid
+
+    def kill(self, rank: int, sig: int = signal.SIGKILL) -> float:
+        """Send ``sig`` to one rank; returns the wall-clock time it was sent."""
+        t = time.time()
+        os.kill(self.procs[rank].pid, sig)
+        return t
+
+    def poll(self) -> None:
+        """Reap exited ranks: announce deaths to the group, respawn if asked."""
+        for rank, proc in list(self.procs.items()):
+            rc = proc.poll()
+            if rc is None or proc.pid in self._reaped:
+                continue
+            self._reaped.add(proc.pid)
+            self.exits.append((rank, rc, time.time()))
+            if rc != 0:
+                self.store.set(f"{STORE_PREFIX}dead/{rank}", "1")
+                if self.respawn and self.respawned < self.max_respawns:
+                    self.respawned += 1
+                    self._spawn(rank)
+
+    def running(self) -> list[int]:
+        return [r for r, p in self.procs.items() if p.poll() is None]
+
+    def wait(self, timeout: float) -> dict[int, int]:
+        """Until every current rank has exited (or ``timeout``); returns rank -> last return code."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll()
+            if not self.running():
+                self.poll()
+                break
+            time.sleep(0.01)
+        return {r: p.returncode for r, p in self.procs.items()}
+
+    def close(self) -> None:
+        """Kill and reap every child still running, by PID."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in self._logs:
+            f.close()
+
+    def __enter__(self) -> Launcher:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def launch_main(nproc: int, script: str, args: list[str], respawn: bool, timeout: float) -> int:
+    """``moe-resilient launch``: run until every rank has exited; non-zero if any final exit failed."""
+    with Launcher(nproc, [sys.executable, script, *args], respawn=respawn) as launcher:
+        codes = launcher.wait(timeout)
+    for rank, rc, _ in launcher.exits:
+        print(f"rank {rank} exited with {rc}", file=sys.stderr)
+    return 0 if all(rc == 0 for rc in codes.values()) else 1
