@@ -81,6 +81,25 @@ def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticG
     return out.reshape(hidden_states.shape)
 
 
+class PlacementMismatchError(RuntimeError):
+    """Ranks disagree on a layer's placement: routing would send tokens to the wrong slots."""
+
+
+def check_placement_consistent(layers: dict[str, ResilientMoE], group: ElasticGroup) -> None:
+    """Compare every layer's placement across ranks (min and max of a checksum, one all-reduce)."""
+    sums = []
+    for layer in layers.values():
+        p = layer.placement
+        weights = torch.arange(1, p.num_slots + 1, dtype=torch.long)
+        sums.append(int(((p.phy2log + 2) * weights).sum()) * 1_000_003 + int(p.active.long().sum()))
+    local = torch.tensor(sums, dtype=torch.long)
+    extremes = group.all_reduce(torch.cat([local, -local]), op="max")  # [max, -min] per layer
+    n = len(sums)
+    bad = [name for i, name in enumerate(layers) if int(extremes[i]) != -int(extremes[n + i])]
+    if bad:
+        raise PlacementMismatchError(f"ranks disagree on the placement of layers {bad}")
+
+
 def reduce_grads_across_ranks(layer: ResilientMoE, group: ElasticGroup) -> None:
     """Training under EP: sum slot gradients over ranks (each slot's owner holds its gradient), then
     give every replica its logical expert's summed gradient. Dense parameters (router, shared

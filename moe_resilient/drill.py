@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moe_resilient import planner
-from moe_resilient.dispatch import ep_forward
+from moe_resilient.dispatch import check_placement_consistent, ep_forward
 from moe_resilient.group import ElasticGroup, FencedError, RankFailure
 from moe_resilient.layer import MoEConfig, ResilientMoE
 from moe_resilient.recovery import recover
@@ -86,20 +86,19 @@ def _readmit(model: DrillModel, group: ElasticGroup, shadow: ShadowStore, step: 
     previous = set(group.members_of(group.generation - 1))
     joiners = sorted(set(group.members) - previous)
     step = _sync_placement(model, group, min(set(group.members) & previous), step)
-    names = {id(m): n for n, m in resilient_layers(model).items()}
-    for layer in model.moe:
+    topo = planner.Topology(group.world_size, group.world_size)
+    for name, layer in resilient_layers(model).items():
         p = layer.placement
-        for r in joiners:
-            alive = p.active.cpu().numpy().copy()
-            alive[r] = False
-            plan = planner.readmit_plan(p.phy2log.numpy(), p.slot_rank.numpy(), alive, r,
-                                        np.ones(layer.config.num_experts), planner.Topology(group.world_size, group.world_size))
-            p.mark_alive(r)
-            for target, expert, _, _ in plan.copies.tolist():
-                if int(p.slot_rank[target]) == group.rank:
-                    shadow.restore(layer, names[id(layer)], expert, target)
-                else:
-                    p.assign(target, expert)
+        plan = planner.readmit_plan(p.phy2log.numpy(), p.slot_rank.numpy(), p.active.numpy(), joiners,
+                                    np.ones(layer.config.num_experts), topo)
+        # every target slot is out of routing until the single commit below (a joiner's slot is on
+        # a dead rank, any other is spare), so owners write weights first, then all flip at once
+        for target, expert, _, _ in plan.copies.tolist():
+            if int(p.slot_rank[target]) == group.rank:
+                layer.experts.write_slot(target, *shadow.read_expert(name, expert))
+        active = p.active.clone()
+        active[joiners] = True
+        p._commit(torch.from_numpy(plan.phy2log), active, allow_uncovered=True)  # may still be short
     return step, joiners
 
 
@@ -124,14 +123,25 @@ def worker(args) -> int:
     group = ElasticGroup.from_env(timeout=args.collective_timeout, heartbeat_timeout=args.heartbeat_timeout).start()
     shadow = ShadowStore.open(args.shadow)
     step = 0
-    if group.joined:
+    if group.joined:  # a replacement: the members run the same _readmit after their step boundary
         step, joiners = _readmit(model, group, shadow, 0)
         emit(event="admitted", ranks=joiners, step=step, t=time.time())
+    if args.perturb_placement and rank == 1:  # bad input on purpose: one rank disagrees
+        model.moe[0].placement.remap(model.moe[0].placement.phy2log.roll(1))
+    check_placement_consistent(resilient_layers(model), group)
     if args.restart:
         emit(event="restart_ready", t=time.time())
     pending = []  # (step, batch_of) of dead ranks' in-flight batches to re-run
+    rejoined_at = [step if group.joined else -1]  # step at which the last admission completed
+
+    def more_steps() -> bool:  # every member decides alike: same step, same agreed membership
+        short = len(group.members) < group.world_size
+        waiting = args.until_full and short and step < args.steps + args.max_extra_steps
+        after = args.until_full and not short and rejoined_at[0] >= 0 and step < rejoined_at[0] + args.after_full
+        return step < args.steps or waiting or after
+
     with torch.no_grad():
-        while step < args.steps:
+        while more_steps():
             batch_of, served = rank, make_batch(step, rank, args.tokens)
             if pending and rank == min(group.members):
                 batch_step, batch_of = pending[0]
@@ -146,6 +156,7 @@ def worker(args) -> int:
                 t_detect = t_agreed - (time.monotonic() - group.last_failure_detect_s)
                 report = recover(model, failure.lost_ranks, shadow=shadow, local_rank=rank,
                                  topology=planner.Topology(group.world_size, group.world_size))
+                check_placement_consistent(resilient_layers(model), group)
                 emit(event="failure", step=step, lost=failure.lost_ranks, t_detect=t_detect, t_agreed=t_agreed,
                      t_recovered=time.time(),
                      gen=group.generation, recovery=report.summary(), uncovered=report.uncovered)
@@ -169,7 +180,9 @@ def worker(args) -> int:
                 step += 1
             if group.step_boundary():
                 step, joiners = _readmit(model, group, shadow, step)
+                rejoined_at[0] = step
                 emit(event="admitted", ranks=joiners, step=step, t=time.time())
+                check_placement_consistent(resilient_layers(model), group)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
     group.close()
@@ -189,6 +202,10 @@ def worker_args(argv=None):
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--save-outputs", action="store_true")
     ap.add_argument("--restart", action="store_true")
+    ap.add_argument("--until-full", action="store_true", help="keep serving until every rank is back")
+    ap.add_argument("--max-extra-steps", type=int, default=3000)
+    ap.add_argument("--after-full", type=int, default=5, help="steps served once every rank is back")
+    ap.add_argument("--perturb-placement", action="store_true", help="test: rank 1 starts with another placement")
     return ap.parse_args(argv)
 
 

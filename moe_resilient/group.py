@@ -130,8 +130,12 @@ class ElasticGroup:
         members = self.members_of(g)
         if self.rank not in members:
             raise FencedError(f"rank {self.rank} is not a member of generation {g} (members {list(members)})")
+        if os.environ.get("MOE_RESILIENT_DEBUG"):
+            print(f"[rank {self.rank}] entering generation {g} members {list(members)}", flush=True)
         pg_store = dist.PrefixStore(f"gen/{g}/pg/", self.store)
-        self._pg = dist.ProcessGroupGloo(pg_store, members.index(self.rank), len(members), _timedelta(self.timeout))
+        # Connecting gets a generous timeout (a busy host can be slow to accept); every collective
+        # still waits at most ``timeout`` (work.wait), which is what detects a hung peer.
+        self._pg = dist.ProcessGroupGloo(pg_store, members.index(self.rank), len(members), _timedelta(30))
         self.generation, self.members = g, members
         admitted = f"gen/{g}/admitted"
         self._admitted = int(self.store.get(admitted)) if self.store.check([admitted]) else 0
@@ -188,8 +192,11 @@ class ElasticGroup:
             raise
         except Exception as exc:  # gloo: "Connection closed by peer" / "Timed out"
             self.last_failure_detect_s = time.monotonic()
+            cause = str(exc).splitlines()[0][:160]
             lost = self._agree()
-            raise RankFailure(lost, self.generation, f"cause: {str(exc).splitlines()[0][:160]}") from None
+            if not lost:  # every member is alive: not a membership problem, do not loop on it
+                raise RuntimeError(f"collective failed with every member alive (generation {self.generation}): {cause}")
+            raise RankFailure(lost, self.generation, f"cause: {cause}") from None
 
     def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
         """send_counts [W] int64 (rows for each global rank) -> recv_counts [W]. Also carries the
@@ -216,8 +223,11 @@ class ElasticGroup:
         self._run(lambda pg: pg.alltoall_base(recv, send.contiguous(), out_splits, in_splits))
         return recv
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._run(lambda pg: pg.allreduce([tensor]))
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place over the members; ``op`` is "sum" or "max"."""
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        self._run(lambda pg: pg.allreduce([tensor], opts))
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor:

@@ -276,7 +276,7 @@ def _repair(phy2log, slot_rank, alive, load, rank_host, cost, shadow_in_memory, 
 @numba.njit(_i64[:](_f64[:], _i64[:], _i64[:], _b1[:]), cache=True)
 def _fill_free(load, phy2log, slot_rank, alive):
     """Give each free slot of an alive rank, in slot order, a replica of the expert with the largest
-    load per live replica among those the rank does not hold yet."""
+    load per live replica (an uncovered expert first) among those the rank does not hold yet."""
     E, S = load.shape[0], phy2log.shape[0]
     out = phy2log.copy()
     counts = np.zeros(E, dtype=np.int64)
@@ -293,7 +293,7 @@ def _fill_free(load, phy2log, slot_rank, alive):
                 held[out[s2]] = True
         best, best_val = -1, -1.0
         for e in range(E):
-            v = load[e] / max(counts[e], 1)
+            v = load[e] / counts[e] if counts[e] > 0 else np.inf  # uncovered experts first
             if not held[e] and v > best_val:
                 best, best_val = e, v
         if best >= 0:
@@ -417,17 +417,20 @@ def rebalance(phy2log, slot_rank, alive, load, topology: Topology, num_replicas:
     return _finish(new, slot_rank, alive, topology.rank_host, E, _copies(phy2log, new, slot_rank, alive, topology))
 
 
-def readmit_plan(phy2log, slot_rank, alive, rank: int, load, topology: Topology) -> Plan:
-    """A repaired ``rank`` rejoins with empty slots. Every live replica stays where it is; the
-    rejoined rank's slots (and any spares) get the next replicas by load, one per expert per rank,
-    each sourced from the cheapest live replica or the host shadow."""
+def readmit_plan(phy2log, slot_rank, alive, ranks, load, topology: Topology) -> Plan:
+    """Repaired ``ranks`` (one rank or a list) rejoin with empty slots. Every live replica stays where
+    it is; the rejoined ranks' slots (and any spares) get the next replicas by load, one per expert
+    per rank, each sourced from the cheapest live replica or the host shadow."""
     phy2log, slot_rank = _i64a(phy2log), _i64a(slot_rank)
     alive = np.array(alive, dtype=np.bool_)
     load = np.ascontiguousarray(np.asarray(load, dtype=np.float64))
-    if not 0 <= rank < alive.shape[0] or alive[rank]:
-        raise ValueError(f"rank {rank} is not a dead rank of this placement")
-    alive[rank] = True
-    current = np.where(alive[slot_rank] & (slot_rank != rank), phy2log, -1)
+    ranks = [ranks] if isinstance(ranks, (int, np.integer)) else list(ranks)
+    for rank in ranks:
+        if not 0 <= rank < alive.shape[0] or alive[rank]:
+            raise ValueError(f"rank {rank} is not a dead rank of this placement")
+    joining = np.isin(slot_rank, ranks)
+    alive[ranks] = True
+    current = np.where(alive[slot_rank] & ~joining, phy2log, -1)
     new = _fill_free(load, current, slot_rank, alive)
     new = np.where(alive[slot_rank], new, phy2log)
     return _finish(new, slot_rank, alive, topology.rank_host, load.shape[0], _copies(current, new, slot_rank, alive, topology))

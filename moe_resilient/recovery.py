@@ -74,7 +74,8 @@ def recover(
     ``probe``, if given, is run through ``model`` afterwards and any compile it triggers is counted.
 
     Under expert parallelism every rank calls this with the same arguments and its ``local_rank``:
-    the plan is deterministic, so all ranks make the same placement edits, and each rank writes
+    the plan is deterministic and uses no rank-local input (load statistics differ per rank, so the
+    plan assumes uniform load), so all ranks make the same placement edits, and each rank writes
     weights only into the slots it owns (a source replica on another rank is replaced by the shadow
     store, which every rank of a host reads from the same page cache).
     """
@@ -95,7 +96,10 @@ def recover(
         topo = topologies[name]
         alive = p.active.cpu().numpy().copy()
         alive[lost] = False
-        load = layer.expert_load.cpu().numpy().astype(np.float64) + 1.0  # unseen experts still count
+        if local_rank is None:
+            load = layer.expert_load.cpu().numpy().astype(np.float64) + 1.0  # unseen experts still count
+        else:  # each rank counted only its own tokens: plan on what every rank knows alike
+            load = np.ones(layer.config.num_experts)
         plans[name] = planner.repair_plan(
             p.phy2log.cpu().numpy(), p.slot_rank.cpu().numpy(), alive, load, topo,
             restore_redundancy=restore_redundancy,
