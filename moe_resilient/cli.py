@@ -56,5 +56,51 @@ def demo(hidden, intermediate, experts, top_k, tokens, world_size):
         click.echo(f"recompiles: 0 (error_on_recompile=True)  phy2log {p.phy2log.tolist()}  dead ranks {p.dead_ranks()}")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--nproc", type=int, required=True, help="ranks to spawn")
+@click.option("--respawn", is_flag=True, help="start a replacement for a rank that dies; it rejoins by itself")
+@click.option("--timeout", type=float, default=24 * 3600.0, show_default=True)
+@click.argument("script")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def launch(nproc, respawn, timeout, script, args):
+    """Run SCRIPT as NPROC ranks (torchrun-style environment, store hosted here). A dying rank does
+    not take the others down."""
+    from moe_resilient.launch import launch_main
+
+    raise SystemExit(launch_main(nproc, script, list(args), respawn, timeout))
+
+
+@main.command()
+@click.option("--nproc", default=4, show_default=True)
+@click.option("--steps", default=60, show_default=True)
+@click.option("--tokens", default=32, show_default=True, help="tokens per rank per step")
+@click.option("--fail-rank", default=2, show_default=True)
+@click.option("--fail-step", default=20, show_default=True)
+@click.option("--hang", is_flag=True, help="SIGSTOP (then SIGCONT) instead of SIGKILL")
+@click.option("--replace", is_flag=True, help="start a replacement that rejoins")
+@click.option("--baseline", type=click.Choice(["none", "restart"]), default="none", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the measurements here")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="PNG of throughput over time")
+def drill(nproc, steps, tokens, fail_rank, fail_step, hang, replace, baseline, json_path, plot_path):
+    """Serve a tiny MoE model on NPROC ranks, fail one mid-stream, measure the interruption."""
+    import json
+
+    from moe_resilient.drill import plot, run_drill
+
+    result = run_drill(nproc, steps, fail_rank, fail_step, hang=hang, replace=replace,
+                       baseline=baseline == "restart", tokens=tokens, echo=click.echo)
+    click.echo(f"detection {result['detection_latency_s'] * 1e3:.1f} ms, agreement {result['agreement_s'] * 1e3:.1f} ms, "
+               f"recovery {result['recovery_s'] * 1e3:.1f} ms, pause {result['pause_s'] * 1e3:.1f} ms, "
+               f"lost batches {result['lost_batches']}, re-run {result['rerun_batches']}")
+    if "restart_warm_s" in result:
+        click.echo(f"full restart: cold cache {result['restart_cold_s']:.2f} s, warm cache {result['restart_warm_s']:.2f} s "
+                   f"= {result['restart_over_pause']:.0f}x the elastic pause")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    if plot_path:
+        plot(result, plot_path)
+
+
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -216,3 +217,160 @@ if __name__ == "__main__":
     # Abandoned gloo groups of old generations cannot be torn down cleanly (PyTorch #130345):
     # leave without running their destructors.
     os._exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration: run a drill, measure, plot (``moe-resilient drill``)
+
+
+def _read(out_dir: str, nproc: int) -> dict[int, list[dict]]:
+    recs = {}
+    for r in range(nproc):
+        path = os.path.join(out_dir, f"rank{r}.jsonl")
+        recs[r] = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    return recs
+
+
+def _worker_cmd(out_dir, shadow_dir, args: dict) -> list[str]:
+    cmd = [sys.executable, "-m", "moe_resilient.drill", "--out-dir", out_dir, "--shadow", shadow_dir]
+    for k, v in args.items():
+        if v is True:
+            cmd.append(f"--{k}")
+        elif v not in (None, False):
+            cmd += [f"--{k}", str(v)]
+    return cmd
+
+
+def _wait(pred, timeout: float, what: str, echo=None, status=None) -> None:
+    deadline, last = time.monotonic() + timeout, 0.0
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if echo and status and time.monotonic() - last > 0.5:
+            echo(status())
+            last = time.monotonic()
+        time.sleep(0.01)
+    raise TimeoutError(f"drill: timed out waiting for {what}")
+
+
+def measure_restart(nproc: int, shadow_dir: str, work_dir: str, cache_dir: str, tokens: int, slots_per_rank: int,
+                    echo=print) -> float:
+    """Full-restart baseline: launch every rank anew; each loads its weights from safetensors,
+    compiles and warms up, forms the group and serves one step. Seconds until all served it."""
+    from moe_resilient.launch import Launcher
+
+    out = os.path.join(work_dir, f"restart-{time.time_ns()}")
+    os.makedirs(out)
+    env = {"TORCHINDUCTOR_CACHE_DIR": cache_dir, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    cmd = _worker_cmd(out, shadow_dir, {"steps": 1, "tokens": tokens, "slots-per-rank": slots_per_rank,
+                                        "restart": True})
+    t0 = time.time()
+    with Launcher(nproc, cmd, env=env, log_dir=os.path.join(out, "logs")) as launcher:
+        _wait(lambda: all(any("batch_of" in x for x in recs) for recs in _read(out, nproc).values()), 600,
+              "the restarted ranks", echo, lambda: f"  restart: {time.time() - t0:5.1f} s")
+        launcher.wait(60)
+    served = max(x["t1"] for recs in _read(out, nproc).values() for x in recs if "batch_of" in x)
+    return served - t0
+
+
+def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: int = 20, hang: bool = False,
+              replace: bool = False, baseline: bool = False, tokens: int = 32, slots_per_rank: int = 3,
+              step_sleep: float = 0.0, work_dir: str | None = None, echo=print) -> dict:
+    """Serve, fail a rank at ``fail_step``, keep serving; returns the measurements (see README)."""
+    import tempfile
+
+    from moe_resilient.launch import Launcher
+
+    work_dir = work_dir or tempfile.mkdtemp(prefix="moe-drill-")
+    out, shadow_dir = os.path.join(work_dir, "elastic"), os.path.join(work_dir, "shadow")
+    os.makedirs(out, exist_ok=True)
+    ShadowStore.export(DrillModel(nproc, slots_per_rank), shadow_dir)
+    cmd = _worker_cmd(out, shadow_dir, {"steps": steps, "tokens": tokens, "slots-per-rank": slots_per_rank,
+                                        "step-sleep": step_sleep, "until-full": replace,
+                                        "heartbeat-timeout": 0.5 if hang else None})
+
+    def status():
+        done = {r: sum("batch_of" in x for x in recs) for r, recs in _read(out, nproc).items()}
+        return "  serving: " + "  ".join(f"rank{r} {n:3d}/{steps}" for r, n in done.items())
+
+    with Launcher(nproc, cmd, respawn=replace, log_dir=os.path.join(out, "logs")) as launcher:
+        _wait(lambda: sum("batch_of" in x for x in _read(out, nproc)[fail_rank]) >= fail_step, 300,
+              f"rank {fail_rank} to serve {fail_step} steps", echo, status)
+        t_fail = launcher.kill(fail_rank, signal.SIGSTOP if hang else signal.SIGKILL)
+        echo(f"{'SIGSTOP' if hang else 'SIGKILL'} rank {fail_rank} after step {fail_step}")
+        survivors = [r for r in range(nproc) if r != fail_rank]
+
+        def recovered():
+            launcher.poll()  # reaps the dead rank and posts its death notice to the group at once
+            return all(any(x.get("event") == "failure" for x in _read(out, nproc)[r]) for r in survivors)
+
+        _wait(recovered, 120, "survivors to recover", echo, status)
+        if hang:  # the stale rank wakes up and must find itself fenced
+            launcher.kill(fail_rank, signal.SIGCONT)
+        _wait(lambda: launcher.poll() or not launcher.running(), 600, "the ranks to finish", echo, status)
+        codes = launcher.wait(60)
+    recs = _read(out, nproc)
+    failures = [x for r in survivors for x in recs[r] if x.get("event") == "failure"]
+    served = [x for rs in recs.values() for x in rs if "batch_of" in x]
+    before = [x["t1"] for x in served if x["t1"] < t_fail]
+    after = [x["t1"] for x in served if x["t0"] > t_fail]
+    lost_step = min(f["step"] for f in failures)
+    expected = {(s, b) for s in range(steps) for b in range(nproc) if b != fail_rank or s <= lost_step}
+    got = {(x["step"], x["batch_of"]) for x in served}
+    t_start = min(x["t0"] for x in served)
+    result = {
+        "nproc": nproc, "steps": steps, "tokens_per_batch": tokens, "failed_rank": fail_rank,
+        "failure": "hang (SIGSTOP)" if hang else "crash (SIGKILL)", "fail_time": t_fail - t_start,
+        "detection_latency_s": min(f["t_detect"] for f in failures) - t_fail,
+        "agreement_s": max(f["t_agreed"] - f["t_detect"] for f in failures),
+        "recovery_s": max(f["t_recovered"] - f["t_agreed"] for f in failures),
+        "pause_s": min(after) - max(before),
+        "lost_batches": sorted(expected - got),
+        "rerun_batches": sorted((x["step"], x["batch_of"]) for x in served if x.get("makeup")),
+        "recompiles": 0,  # the EP path runs eager; recover() counts compiles (see each report)
+        "recoveries": sorted({f["recovery"] for f in failures}),
+        "exit_codes": codes,
+        "admitted": [x for r in range(nproc) for x in recs[r] if x.get("event") == "admitted"][:4],
+        "timeline": sorted((x["t1"] - t_start, x["tokens"]) for x in served),
+        "work_dir": work_dir,
+    }
+    if baseline:
+        cache = os.path.join(work_dir, "inductor-cache")
+        echo("baseline: full restart with a cold compile cache")
+        result["restart_cold_s"] = measure_restart(nproc, shadow_dir, work_dir, cache, tokens, slots_per_rank, echo)
+        echo("baseline: full restart with a warm compile cache")
+        result["restart_warm_s"] = measure_restart(nproc, shadow_dir, work_dir, cache, tokens, slots_per_rank, echo)
+        result["restart_over_pause"] = result["restart_warm_s"] / result["pause_s"]
+    return result
+
+
+def plot(result: dict, path: str) -> None:
+    """Throughput over time across the failure; with a baseline, the full restart's gap beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.array([x[0] for x in result["timeline"]])
+    tok = np.array([x[1] for x in result["timeline"]], dtype=float)
+    bucket = 0.1
+    edges = np.arange(0, t.max() + bucket, bucket)
+    rate, _ = np.histogram(t, bins=edges, weights=tok)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(edges[:-1], rate / bucket, label="moe_resilient (elastic)", color="tab:blue")
+    ax.axvline(result["fail_time"], color="tab:red", ls="--", label=f"{result['failure']} of rank {result['failed_rank']}")
+    if "restart_warm_s" in result:
+        steady = np.median(rate[edges[:-1] < result["fail_time"]]) / bucket
+        gap = result["restart_warm_s"]
+        xs = [0, result["fail_time"], result["fail_time"], result["fail_time"] + gap, result["fail_time"] + gap,
+              result["fail_time"] + gap + 2]
+        ax.plot(xs, [steady, steady, 0, 0, steady, steady], color="tab:gray",
+                label=f"full restart (warm cache, measured {gap:.1f} s)")
+    ax.set_xlabel("time since start (s)")
+    ax.set_ylabel("tokens / s (all ranks)")
+    ax.set_title(f"{result['nproc']} ranks: pause {result['pause_s'] * 1e3:.0f} ms, "
+                 f"detection {result['detection_latency_s'] * 1e3:.0f} ms")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
