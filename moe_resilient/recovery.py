@@ -129,7 +129,7 @@ def recover(
             if (from_shadow or remote) and shadow is None:
                 continue  # reported as uncovered (or less redundant)
             if local_rank is not None and owner[target] != local_rank:
-                layer.placement.assign(target, expert)  # its owner writes the weights
+                layer.placement.assign(target, expert, allow_uncovered=True)  # its owner writes the weights
             elif from_shadow or remote:
                 kind = kind if from_shadow else planner.SOURCE_SHADOW_MEMORY
                 report.bytes_by_source[planner.SOURCE_NAMES[kind]] += shadow.restore(layer, name, expert, target)
