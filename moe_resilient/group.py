@@ -79,6 +79,7 @@ class ElasticGroup:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.rank, self.world_size = rank, world_size
         self.timeout, self.heartbeat_interval = timeout, heartbeat_interval
+        self._wait_timeout = _timedelta(timeout)
         self.heartbeat_timeout, self.agree_timeout = heartbeat_timeout, agree_timeout
         self._host, self._port, self._prefix = host, port, prefix
         self.store = self._connect()
@@ -137,6 +138,7 @@ class ElasticGroup:
         # still waits at most ``timeout`` (work.wait), which is what detects a hung peer.
         self._pg = dist.ProcessGroupGloo(pg_store, members.index(self.rank), len(members), _timedelta(30))
         self.generation, self.members = g, members
+        self._member_index = torch.tensor(members, dtype=torch.long)  # gathers [W] counts to members
         admitted = f"gen/{g}/admitted"
         self._admitted = int(self.store.get(admitted)) if self.store.check([admitted]) else 0
         self._admit_target = max(self._admit_target, self._admitted)
@@ -187,7 +189,7 @@ class ElasticGroup:
             raise RuntimeError("ElasticGroup.start() has not been called")
         try:
             work = work_fn(self._pg)
-            work.wait(_timedelta(self.timeout))
+            work.wait(self._wait_timeout)
         except FencedError:
             raise
         except Exception as exc:  # gloo: "Connection closed by peer" / "Timed out"
@@ -201,25 +203,24 @@ class ElasticGroup:
     def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
         """send_counts [W] int64 (rows for each global rank) -> recv_counts [W]. Also carries the
         join word (see module docstring); call ``step_boundary`` after the step."""
-        members = self.members
-        n = len(members)
-        send = torch.empty(n, 2, dtype=torch.long)
-        send[:, 0] = send_counts[list(members)]
-        send[:, 1] = self._seen_joins
+        idx = self._member_index
+        n = idx.numel()
+        send = torch.stack([send_counts[idx], torch.full((n,), self._seen_joins, dtype=torch.long)], 1)
         recv = torch.empty(n, 2, dtype=torch.long)
-        self._run(lambda pg: pg.alltoall_base(recv.view(-1), send.view(-1), [2] * n, [2] * n))
+        splits = [2] * n
+        self._run(lambda pg: pg.alltoall_base(recv.view(-1), send.view(-1), splits, splits))
         self._admit_target = max(self._admit_target, int(recv[:, 1].min()))
         out = torch.zeros(self.world_size, dtype=torch.long)
-        out[list(members)] = recv[:, 0]
+        out[idx] = recv[:, 0]
         return out
 
     def all_to_all(self, send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
         """send [sum(send_counts), ...] rows grouped by destination global rank -> received rows
         grouped by source global rank. Counts are [W]; non-members must be 0."""
-        members = list(self.members)
+        idx = self._member_index
         recv = send.new_empty((int(recv_counts.sum()), *send.shape[1:]))
-        in_splits = send_counts[members].tolist()
-        out_splits = recv_counts[members].tolist()
+        in_splits = send_counts[idx].tolist()
+        out_splits = recv_counts[idx].tolist()
         self._run(lambda pg: pg.alltoall_base(recv, send.contiguous(), out_splits, in_splits))
         return recv
 
