@@ -353,14 +353,14 @@ def plot(result: dict, path: str) -> None:
 
     t = np.array([x[0] for x in result["timeline"]])
     tok = np.array([x[1] for x in result["timeline"]], dtype=float)
-    bucket = 0.1
+    bucket = 1.0  # seconds: several steps per bucket, so the rate is smooth
     edges = np.arange(0, t.max() + bucket, bucket)
     rate, _ = np.histogram(t, bins=edges, weights=tok)
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot(edges[:-1], rate / bucket, label="moe_resilient (elastic)", color="tab:blue")
+    ax.step(edges[:-1], rate / bucket, where="post", label="moe_resilient (elastic)", color="tab:blue")
     ax.axvline(result["fail_time"], color="tab:red", ls="--", label=f"{result['failure']} of rank {result['failed_rank']}")
     if "restart_warm_s" in result:
-        steady = np.median(rate[edges[:-1] < result["fail_time"]]) / bucket
+        steady = tok[t < result["fail_time"]].sum() / result["fail_time"]
         gap = result["restart_warm_s"]
         xs = [0, result["fail_time"], result["fail_time"], result["fail_time"] + gap, result["fail_time"] + gap,
               result["fail_time"] + gap + 2]
