@@ -1,6 +1,8 @@
 """One rank of the steady-state step benchmark: an EP-shaped exchange (counts, then rows) through
-ElasticGroup against the same two all_to_all_single calls on a plain, fixed torch.distributed gloo
-group, alternating, in the same processes. Rank 0 writes the per-pair time ratios as JSON."""
+ElasticGroup against (a) the same two all_to_all_single calls on a plain, fixed torch.distributed
+gloo group and (b) the same two calls made directly on the gloo backend of ElasticGroup's current
+generation (what the wrapper itself costs). Alternating, in the same processes; rank 0 writes the
+median per-pair time ratios as JSON."""
 
 import json
 import os
@@ -13,7 +15,7 @@ import torch.distributed as dist
 
 from moe_resilient.group import ElasticGroup
 
-ROWS, HIDDEN, PAIRS = 256, 1024, 60
+ROWS, HIDDEN, PAIRS = 256, 1024, 90
 
 if __name__ == "__main__":
     out = sys.argv[1]
@@ -35,23 +37,35 @@ if __name__ == "__main__":
         dist.all_to_all_single(recv, x, recv_counts.tolist(), send_counts.tolist())
         return recv
 
-    assert torch.equal(elastic_step(), plain_step())
-    ratios, t_e, t_p = [], [], []
+    backend = group._pg
+
+    def raw_step():
+        recv_counts = torch.empty_like(send_counts)
+        backend.alltoall_base(recv_counts, send_counts, [], []).wait()
+        recv = x.new_empty(int(recv_counts.sum()), HIDDEN)
+        backend.alltoall_base(recv, x, recv_counts.tolist(), send_counts.tolist()).wait()
+        return recv
+
+    assert torch.equal(elastic_step(), plain_step()) and torch.equal(raw_step(), plain_step())
+    times = {f: [] for f in (elastic_step, plain_step, raw_step)}
+    vs_plain, vs_raw = [], []
     for i in range(PAIRS):
-        order = (elastic_step, plain_step) if i % 2 else (plain_step, elastic_step)
+        order = [elastic_step, plain_step, raw_step]
+        order = order[i % 3:] + order[: i % 3]  # rotate the order too
         t = {}
         for fn in order:
             dist.barrier()
             t0 = time.perf_counter()
             fn()
             t[fn] = time.perf_counter() - t0
-        ratios.append(t[elastic_step] / t[plain_step])
-        t_e.append(t[elastic_step])
-        t_p.append(t[plain_step])
+            times[fn].append(t[fn])
+        vs_plain.append(t[elastic_step] / t[plain_step])
+        vs_raw.append(t[elastic_step] / t[raw_step])
     if rank == 0:
-        json.dump({"ratio_median": statistics.median(ratios), "elastic_ms": statistics.median(t_e) * 1e3,
-                   "plain_ms": statistics.median(t_p) * 1e3, "pairs": PAIRS, "world_size": W,
-                   "rows_per_rank": ROWS, "hidden": HIDDEN}, open(out, "w"))
+        med = {f.__name__: statistics.median(v) * 1e3 for f, v in times.items()}
+        json.dump({"ratio_vs_plain_group": statistics.median(vs_plain), "ratio_vs_same_backend": statistics.median(vs_raw),
+                   "elastic_ms": med["elastic_step"], "plain_ms": med["plain_step"], "raw_ms": med["raw_step"],
+                   "pairs": PAIRS, "world_size": W, "rows_per_rank": ROWS, "hidden": HIDDEN}, open(out, "w"))
     dist.barrier()
     sys.stdout.flush()
     os._exit(0)
