@@ -73,12 +73,7 @@ def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticG
     weights = torch.where(live, topk_weights, 0.0)
     weights = weights * (topk_weights.sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1e-20))
     out = torch.bmm(weights.unsqueeze(1), y.float()).squeeze(1).to(x.dtype)
-    if layer.shared_expert is not None:
-        shared = layer.shared_expert(x)
-        if layer.shared_expert_gate is not None:
-            shared = torch.sigmoid(layer.shared_expert_gate(x)) * shared
-        out = out + shared
-    return out.reshape(hidden_states.shape)
+    return layer.add_shared_expert(x, out).reshape(hidden_states.shape)
 
 
 class PlacementMismatchError(RuntimeError):

@@ -182,14 +182,18 @@ class ResilientMoE(nn.Module):
         router_logits, topk_weights, topk_ids = self.gate(x)
         ids = topk_ids.flatten()
         self.expert_load.index_add_(0, ids, torch.ones_like(ids))  # in place: compile-safe
-        out = self._routed_experts(x, topk_weights, topk_ids)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
+        out = self.add_shared_expert(x, self._routed_experts(x, topk_weights, topk_ids))
         out = out.reshape(hidden_states.shape)
         return (out, router_logits) if self.return_router_logits else out
+
+    def add_shared_expert(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """routed [T, H] plus the shared expert's output on x [T, H] (sigmoid-gated if configured)."""
+        if self.shared_expert is None:
+            return routed
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return routed + shared
 
     def _routed_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_weights [T, K], topk_ids [T, K] -> [T, H]."""
