@@ -42,6 +42,8 @@ class Launcher:
 
     def env_for(self, rank: int) -> dict:
         env = dict(os.environ)
+        if self.nproc > 1:  # as torchrun does: one intra-op thread per rank unless told otherwise
+            env.setdefault("OMP_NUM_THREADS", "1")
         env.update(self.extra_env)
         env.update(MASTER_ADDR=self.host, MASTER_PORT=str(self.port), RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(self.nproc), LOCAL_WORLD_SIZE=str(self.nproc), GROUP_RANK="0",
