@@ -103,6 +103,12 @@ def _readmit(model: DrillModel, group: ElasticGroup, shadow: ShadowStore, step: 
     return step, joiners
 
 
+def _save(tensor: torch.Tensor, path: str) -> None:
+    """Atomically: a rank killed mid-write leaves no torn file behind."""
+    torch.save(tensor, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def worker(args) -> int:
     rank = int(os.environ["RANK"])
     log = open(os.path.join(args.out_dir, f"rank{rank}.jsonl"), "a", buffering=1)
@@ -173,11 +179,11 @@ def worker(args) -> int:
                     emit(step=batch_step, batch_of=dead, served_by=rank, gen=group.generation, t0=t0, t1=t1,
                          tokens=args.tokens, makeup=True)
                     if args.save_outputs:
-                        torch.save(out, os.path.join(args.out_dir, f"out_s{batch_step}_b{dead}.pt"))
+                        _save(out, os.path.join(args.out_dir, f"out_s{batch_step}_b{dead}.pt"))
             else:
                 emit(step=step, batch_of=rank, served_by=rank, gen=group.generation, t0=t0, t1=t1, tokens=args.tokens)
                 if args.save_outputs:
-                    torch.save(out, os.path.join(args.out_dir, f"out_s{step}_b{rank}.pt"))
+                    _save(out, os.path.join(args.out_dir, f"out_s{step}_b{rank}.pt"))
                 step += 1
             if group.step_boundary():
                 step, joiners = _readmit(model, group, shadow, step)

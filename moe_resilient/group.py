@@ -6,7 +6,7 @@ agent store, or the ``moe-resilient launch`` process), so any rank, rank 0 inclu
     gen                      current generation g
     gen/{g}/members          JSON list of the global ranks in generation g
     gen/{g}/pg/...           gloo rendezvous of generation g (a fresh PrefixStore each time)
-    gen/{g}/checkin/{r}      survivor r reached agreement after a failure in generation g
+    gen/{g}/checkin_bits     bit r set: survivor r reached agreement after a failure in generation g
     gen/{g}/decision         members of generation g+1 (compare_set: the first proposal wins, so
                              every survivor adopts the same membership)
     hb/{r}                   heartbeat counter of rank r (control channel, own connection/thread)
@@ -251,22 +251,22 @@ class ElasticGroup:
         """After a failed collective: check in, wait until each member has checked in or is known
         dead (launcher notice, or no heartbeat for heartbeat_timeout), propose, adopt the decision."""
         g, members = self.generation, self.members
-        self.store.set(f"gen/{g}/checkin/{self.rank}", "1")
+        bits = f"gen/{g}/checkin_bits"  # one atomic add per survivor; one read gives everyone's
+        self.store.add(bits, 1 << self.rank)
         first = dict(zip(members, (int(v) for v in self.store.multi_get([f"hb/{r}" for r in members]))))
         start = time.monotonic()
-        proposal = None
         while not self.store.check([f"gen/{g}/decision"]):
-            checked = {r for r in members if self.store.check([f"gen/{g}/checkin/{r}"])}
-            dead = {r for r in members if self.store.check([f"dead/{r}"])}
+            mask = int(self.store.add(bits, 0))
+            checked = {r for r in members if mask >> r & 1}
+            undecided = {r for r in set(members) - checked if not self.store.check([f"dead/{r}"])}
             waited = time.monotonic() - start
-            undecided = set(members) - checked - dead
             if undecided and waited > self.heartbeat_timeout:  # silent since we started: dead or hung
                 undecided &= self._alive_by_heartbeat(sorted(undecided), first)
             if not undecided or waited > self.agree_timeout:
                 proposal = [r for r in members if r in checked]
                 self.store.compare_set(f"gen/{g}/decision", "", json.dumps(proposal))
                 break
-            time.sleep(0.002)
+            time.sleep(0.0005)
         survivors = json.loads(self.store.get(f"gen/{g}/decision"))
         lost = sorted(set(members) - set(survivors))
         if self.rank not in survivors:
