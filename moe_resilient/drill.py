@@ -359,7 +359,7 @@ def plot(result: dict, path: str) -> None:
 
     t = np.array([x[0] for x in result["timeline"]])
     tok = np.array([x[1] for x in result["timeline"]], dtype=float)
-    bucket = 1.0  # seconds: several steps per bucket, so the rate is smooth
+    bucket = 0.25  # seconds: ~10 steps of the built-in model per bucket, so the rate is smooth
     edges = np.arange(0, t.max() + bucket, bucket)
     rate, _ = np.histogram(t, bins=edges, weights=tok)
     fig, ax = plt.subplots(figsize=(9, 4))
