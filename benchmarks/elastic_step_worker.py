@@ -67,5 +67,6 @@ if __name__ == "__main__":
                    "elastic_ms": med["elastic_step"], "plain_ms": med["plain_step"], "raw_ms": med["raw_step"],
                    "pairs": PAIRS, "world_size": W, "rows_per_rank": ROWS, "hidden": HIDDEN}, open(out, "w"))
     dist.barrier()
+    group.finish()
     sys.stdout.flush()
     os._exit(0)

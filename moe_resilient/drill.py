@@ -192,7 +192,7 @@ def worker(args) -> int:
                 check_placement_consistent(resilient_layers(model), group)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
-    group.close()
+    group.finish()
     return 0
 
 

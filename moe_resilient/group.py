@@ -179,6 +179,17 @@ class ElasticGroup:
                 return
             self._stop.wait(self.heartbeat_interval)
 
+    def finish(self, timeout: float = 10.0) -> None:
+        """Exit barrier over the store, not the data path: a rank that leaves while a peer still
+        reads its last message resets the socket under it, which the peer would take for a crash."""
+        g = self.generation
+        self.store.set(f"gen/{g}/done/{self.rank}", "1")
+        try:
+            self.store.wait([f"gen/{g}/done/{r}" for r in self.members], _timedelta(timeout))
+        except Exception:  # a member died at the very end: nothing left to protect
+            pass
+        self.close()
+
     def close(self) -> None:
         self._stop.set()
 

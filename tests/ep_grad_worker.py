@@ -31,6 +31,6 @@ if __name__ == "__main__":
     reduce_grads_across_ranks(layer, group)
     grads = {n: p.grad for n, p in layer.named_parameters()} | {"x": x.grad}
     torch.save(grads, os.path.join(out_dir, f"grads{group.rank}.pt"))
-    group.barrier()
+    group.finish()
     sys.stdout.flush()
     os._exit(0)
