@@ -62,6 +62,6 @@ def load_routing_state(model: nn.Module, path: str, *, shadow: ShadowStore | Non
         p.remap([-1 if s in changing else int(v) for s, v in enumerate(p.phy2log.tolist())], allow_uncovered=True)
         for s in changing:
             layer.experts.write_slot(s, *weights[int(state["phy2log"][s])])
-        p._commit(state["phy2log"].clone(), state["active"].clone(), allow_uncovered=True)
+        p.set_state(state["phy2log"], state["active"], allow_uncovered=True)
         with torch.no_grad():
             layer.expert_load.copy_(state["expert_load"])

@@ -76,7 +76,7 @@ def _sync_placement(model: DrillModel, group: ElasticGroup, root: int, step: int
     group.broadcast(buf, root)
     for i, layer in enumerate(layers):
         chunk = buf[1 + i * (S + W): 1 + (i + 1) * (S + W)]
-        layer.placement._commit(chunk[:S].clone(), chunk[S:].bool(), allow_uncovered=True)
+        layer.placement.set_state(chunk[:S], chunk[S:].bool(), allow_uncovered=True)
     return int(buf[0])
 
 
@@ -99,7 +99,7 @@ def _readmit(model: DrillModel, group: ElasticGroup, shadow: ShadowStore, step: 
                 layer.experts.write_slot(target, *shadow.read_expert(name, expert))
         active = p.active.clone()
         active[joiners] = True
-        p._commit(torch.from_numpy(plan.phy2log), active, allow_uncovered=True)  # may still be short
+        p.set_state(plan.phy2log, active, allow_uncovered=True)  # may still be short
     return step, joiners
 
 

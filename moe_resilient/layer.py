@@ -300,22 +300,12 @@ class ResilientMoE(nn.Module):
         final[slot] = expert
         if vacate is not None:
             final[vacate] = -1
-        uncovered_before = set(p.uncovered())
-        self._validate(final, allow=uncovered_before)
+        uncovered_before = p.uncovered()  # restoring one expert need not cover the others first
+        p.check(final, allow_uncovered=uncovered_before)
         if int(p.phy2log[slot]) >= 0:
             p.clear(slot, allow_uncovered=True)
         write()
-        p.remap(final, allow_uncovered=bool(uncovered_before))
-
-    def _validate(self, phy2log: torch.Tensor, allow: set[int]) -> None:
-        p = self.placement
-        live = (phy2log >= 0) & p.active.cpu()[p.slot_rank.cpu()]
-        counts = torch.bincount(phy2log[live], minlength=p.num_experts)
-        lost = set(torch.nonzero(counts == 0).flatten().tolist()) - allow
-        if lost:
-            raise PlacementError(f"edit would leave experts {sorted(lost)} with no live replica")
-        if int(counts.max()) > p.max_replicas:
-            raise PlacementError(f"edit would exceed max_replicas={p.max_replicas}")
+        p.remap(final, allow_uncovered=uncovered_before)
 
     # ----------------------------------------------------------------------------------- training
     @torch.no_grad()

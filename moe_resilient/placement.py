@@ -8,7 +8,7 @@ host, validates it, and only then copies it in: a rejected edit leaves nothing h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,10 @@ from torch import nn
 
 class PlacementError(ValueError):
     """An invalid placement edit (unknown expert, slot out of range, uncovered expert, dead rank)."""
+
+
+# Which experts may be left with no live replica: none (False), any (True), or these.
+AllowUncovered = bool | Collection[int]
 
 
 class ExpertPlacement(nn.Module):
@@ -104,7 +108,7 @@ class ExpertPlacement(nn.Module):
         return torch.nonzero(~self.active).flatten().tolist()
 
     # ----------------------------------------------------------------------------------- mutators
-    def assign(self, slot: int, expert: int, *, allow_uncovered: bool = False) -> None:
+    def assign(self, slot: int, expert: int, *, allow_uncovered: AllowUncovered = False) -> None:
         """Make ``slot`` hold ``expert`` (-1 empties it). Weights must already be in the slot."""
         self._check_slot(slot)
         if expert != -1:
@@ -115,21 +119,33 @@ class ExpertPlacement(nn.Module):
         new[slot] = expert
         self._commit(new, self.active.cpu(), allow_uncovered)
 
-    def clear(self, slot: int, *, allow_uncovered: bool = False) -> None:
+    def clear(self, slot: int, *, allow_uncovered: AllowUncovered = False) -> None:
         """Take ``slot`` out of service."""
         self.assign(slot, -1, allow_uncovered=allow_uncovered)
 
-    def remap(self, phy2log: Sequence[int] | torch.Tensor, *, allow_uncovered: bool = False) -> None:
+    def remap(self, phy2log: Sequence[int] | torch.Tensor, *, allow_uncovered: AllowUncovered = False) -> None:
         """Replace the whole slot -> expert map at once."""
         self._commit(self._as_phy2log(phy2log), self.active.cpu(), allow_uncovered)
 
-    def mark_dead(self, rank: int | Sequence[int], *, allow_uncovered: bool = False) -> None:
+    def mark_dead(self, rank: int | Sequence[int], *, allow_uncovered: AllowUncovered = False) -> None:
         """Take every slot of the rank(s) out of routing."""
         active = self.active.cpu().clone()
         for r in [rank] if isinstance(rank, int) else list(rank):
             self._check_rank(r)
             active[r] = False
         self._commit(self.phy2log.cpu().clone(), active, allow_uncovered)
+
+    def set_state(self, phy2log, active, *, allow_uncovered: AllowUncovered = False) -> None:
+        """Replace the slot -> expert map and the alive ranks together (a restored checkpoint, or a
+        placement received from a peer)."""
+        active = torch.as_tensor(active, dtype=torch.bool).clone().cpu()
+        if active.shape != (self.world_size,):
+            raise PlacementError(f"active must have shape [{self.world_size}], got {list(active.shape)}")
+        self._commit(self._as_phy2log(phy2log), active, allow_uncovered)
+
+    def check(self, phy2log, *, allow_uncovered: AllowUncovered = False) -> None:
+        """Raise PlacementError if ``phy2log`` would be rejected; changes nothing."""
+        self._derive(self._as_phy2log(phy2log), self.active.cpu(), allow_uncovered)
 
     def mark_alive(self, rank: int) -> None:
         """Return a repaired rank's slots to routing (its slots keep whatever ``phy2log`` says)."""
@@ -161,7 +177,8 @@ class ExpertPlacement(nn.Module):
             raise PlacementError(f"unknown expert {int(t[s])} in slot {s}: experts are [0, {self.num_experts})")
         return t
 
-    def _commit(self, phy2log: torch.Tensor, active: torch.Tensor, allow_uncovered: bool) -> None:
+    def _derive(self, phy2log: torch.Tensor, active: torch.Tensor, allow_uncovered: AllowUncovered):
+        """Validate a whole state and return its (log2phy, logcnt)."""
         live = (phy2log >= 0) & active[self.slot_rank.cpu()]
         log2phy = torch.full((self.num_experts, self.max_replicas), -1, dtype=torch.long)
         logcnt = torch.bincount(phy2log[live], minlength=self.num_experts)
@@ -170,11 +187,17 @@ class ExpertPlacement(nn.Module):
             raise PlacementError(
                 f"expert {e} would have {int(logcnt[e])} live replicas, more than max_replicas={self.max_replicas}"
             )
-        if not allow_uncovered and bool((logcnt == 0).any()):
-            missing = torch.nonzero(logcnt == 0).flatten().tolist()
-            raise PlacementError(f"experts {missing} would have no live replica (pass allow_uncovered=True)")
+        if allow_uncovered is not True:
+            allowed = set() if allow_uncovered is False else set(allow_uncovered)
+            missing = sorted(set(torch.nonzero(logcnt == 0).flatten().tolist()) - allowed)
+            if missing:
+                raise PlacementError(f"experts {missing} would have no live replica (pass allow_uncovered=True)")
         for e, s in sorted(zip(phy2log[live].tolist(), torch.nonzero(live).flatten().tolist())):
             log2phy[e, int((log2phy[e] >= 0).sum())] = s
+        return log2phy, logcnt
+
+    def _commit(self, phy2log: torch.Tensor, active: torch.Tensor, allow_uncovered: AllowUncovered) -> None:
+        log2phy, logcnt = self._derive(phy2log, active, allow_uncovered)
         with torch.no_grad():  # in place: compiled graphs hold these addresses
             self.phy2log.copy_(phy2log)
             self.log2phy.copy_(log2phy)
