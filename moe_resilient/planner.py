@@ -117,8 +117,9 @@ def _replica_counts(load, start, num_replicas, max_per_expert):
 
 @numba.njit(_i64[:](_f64[:], _i64[:], _i64[:], _i64[:], _b1[:], _i64[:]), cache=True)
 def _pack(load, counts, phy2log, slot_rank, alive, rank_host):
-    """Place ``counts[e]`` replicas of each expert into the free (-1) slots of alive ranks, each onto
-    the rank minimising (rank holds e, host holds e, rank load, rank).
+    """Place ``counts[e]`` replicas of each expert into the free (-1) slots of alive ranks, heaviest
+    first, each onto the least-loaded rank that does not hold e yet, preferring a host that does
+    not hold e either as long as that keeps rank loads within the greedy bound (mean + heaviest).
     Slots already holding an expert stay and count towards loads. Returns the new phy2log."""
     E, S, W = load.shape[0], phy2log.shape[0], alive.shape[0]
     H = rank_host.max() + 1
@@ -156,19 +157,28 @@ def _pack(load, counts, phy2log, slot_rank, alive, rank_host):
             item_weight[i] = load[e] / counts[e]
             i += 1
     order = np.argsort(-item_weight, kind="mergesort")
+    max_w = item_weight.max() if n_items > 0 else 0.0
     for j in range(n_items):
         e, w = item_expert[order[j]], item_weight[order[j]]
-        best, best_key = -1, 0
+        # least-loaded rank with room that does not hold e; and the same among hosts without e
+        best, diverse, any_room = -1, -1, False
         for r in range(W):
             if not alive[r] or rank_free[r] == 0:
                 continue
-            key = 2 * (on_rank[r, e] > 0) + (on_host[rank_host[r], e] > 0)
-            if best < 0 or key < best_key or (key == best_key and rank_load[r] < rank_load[best]):
-                best, best_key = r, key
-        if best < 0:
+            any_room = True
+            if on_rank[r, e] > 0:
+                continue
+            if best < 0 or rank_load[r] < rank_load[best]:
+                best = r
+            if on_host[rank_host[r], e] == 0 and (diverse < 0 or rank_load[r] < rank_load[diverse]):
+                diverse = r
+        if not any_room:
             break  # no free slot left anywhere: the caller reports what is unplaced
-        if on_rank[best, e] > 0:
+        if best < 0:
             continue  # every rank with room already holds e
+        # another host only while it stays within the greedy balance bound (+ heaviest replica)
+        if diverse >= 0 and rank_load[diverse] + w <= rank_load[best] + max_w:
+            best = diverse
         for s in range(S):
             if slot_rank[s] == best and out[s] < 0:
                 out[s] = e
