@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_resilient import ops
 from moe_resilient.group import ElasticGroup
-from moe_resilient.layer import ResilientMoE
+from moe_resilient.layer import ResilientMoE, combine
 
 
 class _AllToAll(torch.autograd.Function):
@@ -46,12 +45,8 @@ def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticG
         raise ValueError(f"layer placement has world_size {p.world_size}, the group {group.world_size}")
     x = hidden_states.reshape(-1, c.hidden_size)
     T = x.shape[0]
-    _, topk_weights, topk_ids = layer.gate(x)
+    _, topk_weights, topk_ids, slot_ids, order, offsets = layer.route(x)
     K = topk_ids.shape[1]
-    flat_ids = topk_ids.flatten()
-    layer.expert_load.index_add_(0, flat_ids, torch.ones_like(flat_ids))
-    strict = c.degraded == "raise"
-    slot_ids, order, offsets = ops.route_to_slots(topk_ids, p.log2phy, p.logcnt, c.num_slots, strict)
     n_live = int(offsets[-1])
     sent = order[:n_live]  # (token, k) pairs grouped by slot, hence by destination rank
     send_slots = slot_ids.flatten()[sent]
@@ -68,11 +63,8 @@ def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticG
     y_recv = torch.empty_like(y_sorted).index_copy(0, local_order, y_sorted)
     y_back = _AllToAll.apply(y_recv, group, recv_counts, send_counts)
 
-    y = y_back.new_zeros(T * K, c.hidden_size).index_copy(0, sent, y_back).view(T, K, c.hidden_size)
-    live = slot_ids >= 0
-    weights = torch.where(live, topk_weights, 0.0)
-    weights = weights * (topk_weights.sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1e-20))
-    out = torch.bmm(weights.unsqueeze(1), y.float()).squeeze(1).to(x.dtype)
+    y = y_back.new_zeros(T * K, c.hidden_size).index_copy(0, sent, y_back)  # unroutable pairs stay 0
+    out = combine(topk_weights, slot_ids, y)
     return layer.add_shared_expert(x, out).reshape(hidden_states.shape)
 
 

@@ -81,6 +81,16 @@ class MoEConfig:
         return dataclasses.replace(self, **changes)
 
 
+def combine(topk_weights: torch.Tensor, slot_ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over k: topk_weights [T, K], slot_ids [T, K], expert outputs y [T*K, H] in
+    (token, k) order -> [T, H]. A degraded step (slot -1: no live replica) rescales the surviving
+    entries to the full top-k mass (exactly 1 when all are live)."""
+    T, K = slot_ids.shape
+    weights = torch.where(slot_ids >= 0, topk_weights, 0.0)
+    weights = weights * (topk_weights.sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1e-20))
+    return torch.bmm(weights.unsqueeze(1), y.view(T, K, y.shape[-1]).float()).squeeze(1).to(y.dtype)
+
+
 class TopKRouter(nn.Module):
     """Gate: hidden [T, H] -> (router_logits [T, E], topk_weights [T, K] float32, topk_ids [T, K])."""
 
@@ -179,12 +189,26 @@ class ResilientMoE(nn.Module):
                 f"ResilientMoE expects hidden size {c.hidden_size}, got input of shape {list(hidden_states.shape)}"
             )
         x = hidden_states.reshape(-1, c.hidden_size)  # [T, H]
+        router_logits, topk_weights, topk_ids, slot_ids, order, offsets = self.route(x)
+        y_rows = self.experts(x[order // topk_ids.shape[1]], offsets)  # [T*K, H], rows grouped by slot
+        y = torch.empty_like(y_rows).index_copy_(0, order, y_rows)  # back to (token, k) order
+        out = self.add_shared_expert(x, combine(topk_weights, slot_ids, y))
+        out = out.reshape(hidden_states.shape)
+        return (out, router_logits) if self.return_router_logits else out
+
+    def route(self, x: torch.Tensor):
+        """x [T, H] -> (router_logits [T, E], topk_weights [T, K], topk_ids [T, K], slot_ids [T, K],
+        order [T*K], offsets [S+1]): top-k, live replica per pair, pairs grouped by slot. Counts
+        the load of each logical expert on the way."""
         router_logits, topk_weights, topk_ids = self.gate(x)
         ids = topk_ids.flatten()
         self.expert_load.index_add_(0, ids, torch.ones_like(ids))  # in place: compile-safe
-        out = self.add_shared_expert(x, self._routed_experts(x, topk_weights, topk_ids))
-        out = out.reshape(hidden_states.shape)
-        return (out, router_logits) if self.return_router_logits else out
+        if self.config.static_placement:
+            routed = ops.route_to_slots(topk_ids, None, None, self.config.num_slots)
+        else:
+            p, strict = self.placement, self.config.degraded == "raise"
+            routed = ops.route_to_slots(topk_ids, p.log2phy, p.logcnt, self.config.num_slots, strict)
+        return (router_logits, topk_weights, topk_ids, *routed)
 
     def add_shared_expert(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """routed [T, H] plus the shared expert's output on x [T, H] (sigmoid-gated if configured)."""
@@ -194,23 +218,6 @@ class ResilientMoE(nn.Module):
         if self.shared_expert_gate is not None:
             shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         return routed + shared
-
-    def _routed_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H], topk_weights [T, K], topk_ids [T, K] -> [T, H]."""
-        T, K = topk_ids.shape
-        if self.config.static_placement:
-            slot_ids, order, offsets = ops.route_to_slots(topk_ids, None, None, self.config.num_slots)
-        else:
-            p = self.placement
-            strict = self.config.degraded == "raise"
-            slot_ids, order, offsets = ops.route_to_slots(topk_ids, p.log2phy, p.logcnt, self.config.num_slots, strict)
-        y_rows = self.experts(x[order // K], offsets)  # [T*K, H], rows grouped by slot
-        y = torch.empty_like(y_rows).index_copy_(0, order, y_rows).view(T, K, x.shape[1])  # back to (token, k)
-        live = slot_ids >= 0
-        weights = torch.where(live, topk_weights, 0.0)
-        # Degraded step: rescale surviving entries to the full top-k mass (exactly 1 when all live).
-        weights = weights * (topk_weights.sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1e-20))
-        return torch.bmm(weights.unsqueeze(1), y.float()).squeeze(1).to(x.dtype)
 
     # ----------------------------------------------------------------------------------- statistics
     def read_load(self, reset: bool = False) -> torch.Tensor:
