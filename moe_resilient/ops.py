@@ -78,6 +78,9 @@ def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False)
     T, K = topk_ids.shape
     token = torch.arange(T, device=topk_ids.device).unsqueeze(1).expand(T, K)
     cnt = logcnt[topk_ids]
+    if strict and bool((cnt == 0).any()):
+        e = int(topk_ids[cnt == 0][0])
+        raise RuntimeError(f"route_to_slots: expert {e} has no live replica (degraded='raise')")
     replica = token % cnt.clamp(min=1)
     slot_ids = torch.where(cnt > 0, log2phy[topk_ids, replica], torch.full_like(topk_ids, -1))
     key = torch.where(slot_ids < 0, num_slots, slot_ids).flatten()

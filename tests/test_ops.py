@@ -101,3 +101,11 @@ def test_grouped_swiglu_odd_sizes(rows, dtype):
     want = ops.grouped_swiglu_reference(x.float(), offsets, w13.float(), w2.float())  # exact arithmetic
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(ops.grouped_swiglu(x, offsets, w13, w2).float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("route", [ops.route_to_slots, ops.route_to_slots_reference])
+def test_route_to_slots_strict_raises_on_uncovered_expert(route):
+    log2phy, logcnt = _placement()  # expert 3 has no live replica
+    route(torch.tensor([[0, 1]]), log2phy, logcnt, S, True)  # all covered: fine
+    with pytest.raises(RuntimeError, match="expert 3 has no live replica"):
+        route(torch.tensor([[0, 3]]), log2phy, logcnt, S, True)
