@@ -5,6 +5,7 @@ Install with `pip install --no-build-isolation -e .` so the extension links the 
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -15,7 +16,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is
+    # built with OpenMP (it then shares the libgomp torch already loaded).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", "-std=c++17"] + openmp
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     if use_cuda and os.environ.get("MOE_RESILIENT_NO_CUDA") != "1":
@@ -23,8 +27,9 @@ def extension():
             "moe_resilient._C",
             sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DMOE_RESILIENT_CUDA"], "nvcc": ["-O3"]},
+            extra_link_args=openmp,
         )
-    return CppExtension("moe_resilient._C", sources, extra_compile_args=cxx_flags)
+    return CppExtension("moe_resilient._C", sources, extra_compile_args=cxx_flags, extra_link_args=openmp)
 
 
 setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -1,8 +1,22 @@
-// Empty Python module so `import moe_resilient._C` loads the shared library, whose static
-// TORCH_LIBRARY initialisers register the ops (the torchao pattern: no pybind11 needed).
+// Python module so `import moe_resilient._C` loads the shared library, whose static TORCH_LIBRARY
+// initialisers register the ops (the torchao pattern: no pybind11 needed).
 #include <Python.h>
 
+// at::parallel_for runs serially in code built without OpenMP, halving the kernels on two cores;
+// exposed so a test catches a build that lost -fopenmp.
+static PyObject* built_with_openmp(PyObject*, PyObject*) {
+#ifdef _OPENMP
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"built_with_openmp", built_with_openmp, METH_NOARGS, "Whether the kernels were compiled with OpenMP."},
+    {nullptr, nullptr, 0, nullptr}};
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

@@ -1,5 +1,7 @@
 """The C++ ops: agreement with plain PyTorch, opcheck (fake kernels, autograd, schema), bad input."""
 
+import sys
+
 import pytest
 import torch
 
@@ -90,7 +92,7 @@ def test_grouped_swiglu_bad_input():
         ops.grouped_swiglu(torch.randn(3, H), torch.tensor([0, 2, 1, 3, 3, 3, 3]), w13, w2)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 17, 128, 129])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_swiglu_odd_sizes(rows, dtype):
     """Hidden/intermediate sizes that are not multiples of the SIMD width, on both kernel paths."""
@@ -109,3 +111,11 @@ def test_route_to_slots_strict_raises_on_uncovered_expert(route):
     route(torch.tensor([[0, 1]]), log2phy, logcnt, S, True)  # all covered: fine
     with pytest.raises(RuntimeError, match="expert 3 has no live replica"):
         route(torch.tensor([[0, 3]]), log2phy, logcnt, S, True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py adds -fopenmp on Linux only")
+def test_kernels_built_with_openmp():
+    """Without -fopenmp, at::parallel_for in our kernels silently runs on one core."""
+    from moe_resilient import _C
+
+    assert _C.built_with_openmp()

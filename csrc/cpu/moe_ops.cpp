@@ -107,7 +107,7 @@ void check_grouped(const at::Tensor& x, const at::Tensor& offsets, const at::Ten
 }
 
 // Slots with at most this many rows use the streaming kernel (skinny_gemm.h); larger ones use BLAS.
-constexpr int64_t kSkinnyRows = 16;
+constexpr int64_t kSkinnyRows = 128;
 
 template <typename Fn>
 void for_each_busy_slot(const std::vector<int64_t>& off, Fn fn) {

@@ -26,21 +26,31 @@ template <typename W_t, int64_t MR, int64_t NR>
 __attribute__((target("avx2,fma"))) void tile(const float* x, int64_t m0, int64_t K, const W_t* W, int64_t n0,
                                               int64_t N, float* y, const W_t* prefetch) {
   constexpr int64_t mr = MR, nr = NR;
+  // Every loop over MR/NR is unrolled by pragma: GCC scalarises acc into registers only when its indices
+  // are constants before its SRA pass, otherwise it mirrors every FMA with a dead store to the stack.
   __m256 acc[MR][NR];
-  for (auto& row : acc)
-    for (auto& a : row) a = _mm256_setzero_ps();
+#pragma GCC unroll 4
+  for (int64_t i = 0; i < mr; ++i)
+#pragma GCC unroll 4
+    for (int64_t j = 0; j < nr; ++j) acc[i][j] = _mm256_setzero_ps();
   const int64_t K8 = K - K % 8;
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 w[NR];
+#pragma GCC unroll 4
     for (int64_t j = 0; j < nr; ++j) w[j] = load8(W + (n0 + j) * K + k);
     if (prefetch != nullptr)  // pull the next tile's weight rows in while this one computes
+#pragma GCC unroll 4
       for (int64_t j = 0; j < nr; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * K + k), _MM_HINT_T0);
+#pragma GCC unroll 4
     for (int64_t i = 0; i < mr; ++i) {
       const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
+#pragma GCC unroll 4
       for (int64_t j = 0; j < nr; ++j) acc[i][j] = _mm256_fmadd_ps(xv, w[j], acc[i][j]);
     }
   }
+#pragma GCC unroll 4
   for (int64_t i = 0; i < mr; ++i) {
+#pragma GCC unroll 4
     for (int64_t j = 0; j < nr; ++j) {
       float s = hsum(acc[i][j]);
       for (int64_t k = K8; k < K; ++k) s += x[(m0 + i) * K + k] * static_cast<float>(W[(n0 + j) * K + k]);

@@ -1,8 +1,9 @@
-// y[M, N] = x[M, K] @ W[N, K]^T for few rows M (decode batches), streaming each weight row once.
+// y[M, N] = x[M, K] @ W[N, K]^T for up to a few hundred rows M, streaming each weight row once.
 //
-// BLAS packs W before a GEMM, which for M <= 16 costs as much as the GEMM itself and halves the
-// bandwidth a decode step gets. Here both cores stream disjoint weight rows and the M rows of x
-// stay in L1. AVX2+FMA only (checked at run time); callers fall back to at::mm when it returns false.
+// BLAS packs W before a GEMM, which for small M costs as much as the GEMM itself: per expert slot it
+// measured 2-4x slower than this kernel at 4-16 rows and still ~1.2x at 128 (benchmarks/RESULTS.md).
+// Both cores stream disjoint weight rows; a 4x3 register tile reuses each weight vector across rows.
+// AVX2+FMA only (checked at run time); callers fall back to at::mm when it is unavailable.
 #pragma once
 
 #include <c10/util/BFloat16.h>
