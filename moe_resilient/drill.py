@@ -4,6 +4,7 @@ replacement rejoins. ``--baseline restart`` measures what every other stack does
 
 Worker protocol (one JSON line per event in ``out_dir/rank{r}.jsonl``):
     {"step", "batch_of", "served_by", "gen", "t0", "t1", "tokens"}      a batch served
+        (+ "makeup": true for a lost rank's in-flight batch, re-run with the survivors' next step)
     {"event": "failure", "step", "lost", "t_detect", "t_recovered", "recovery"}
     {"event": "admitted", "ranks", "step", "t"}    {"event": "fenced", "t", "error"}
     {"event": "restart_ready", "t"}                (baseline: weights loaded, compiled, warm)
@@ -149,12 +150,10 @@ def worker(args) -> int:
 
     with torch.no_grad():
         while more_steps():
-            batch_of, served = rank, make_batch(step, rank, args.tokens)
-            if pending and rank == min(group.members):
-                batch_step, batch_of = pending[0]
-                served = make_batch(batch_step, batch_of, args.tokens)
-            elif pending:
-                served = served[:0]  # others take part in the make-up step with no tokens
+            # Lost ranks' in-flight batches ride along with the survivors' next step, spread over them
+            # (pending[i] on the i-th member, cyclically), so the re-run costs no extra step.
+            mine = [p for i, p in enumerate(pending) if group.members[i % len(group.members)] == rank]
+            served = torch.cat([make_batch(step, rank, args.tokens)] + [make_batch(s, b, args.tokens) for s, b in mine])
             t0 = time.time()
             try:
                 out = model.ep(served, group)
@@ -173,18 +172,14 @@ def worker(args) -> int:
                 emit(event="fenced", t=time.time(), error=str(exc))
                 return 3
             t1 = time.time()
-            if pending:
-                batch_step, dead = pending.pop(0)
-                if rank == min(group.members):
-                    emit(step=batch_step, batch_of=dead, served_by=rank, gen=group.generation, t0=t0, t1=t1,
-                         tokens=args.tokens, makeup=True)
-                    if args.save_outputs:
-                        _save(out, os.path.join(args.out_dir, f"out_s{batch_step}_b{dead}.pt"))
-            else:
-                emit(step=step, batch_of=rank, served_by=rank, gen=group.generation, t0=t0, t1=t1, tokens=args.tokens)
+            for i, (batch_step, batch_of) in enumerate([(step, rank)] + mine):
+                emit(step=batch_step, batch_of=batch_of, served_by=rank, gen=group.generation, t0=t0, t1=t1,
+                     tokens=args.tokens, **({"makeup": True} if i else {}))
                 if args.save_outputs:
-                    _save(out, os.path.join(args.out_dir, f"out_s{step}_b{rank}.pt"))
-                step += 1
+                    _save(out[i * args.tokens:(i + 1) * args.tokens],
+                          os.path.join(args.out_dir, f"out_s{batch_step}_b{batch_of}.pt"))
+            pending.clear()
+            step += 1
             if group.step_boundary():
                 step, joiners = _readmit(model, group, shadow, step)
                 rejoined_at[0] = step
@@ -229,12 +224,16 @@ if __name__ == "__main__":
 # Orchestration: run a drill, measure, plot (``moe-resilient drill``)
 
 
+def read_records(path: str) -> list[dict]:
+    """A worker's complete records so far; a line it is still writing (no newline yet) is left for later."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f.read().split("\n")[:-1]]
+
+
 def _read(out_dir: str, nproc: int) -> dict[int, list[dict]]:
-    recs = {}
-    for r in range(nproc):
-        path = os.path.join(out_dir, f"rank{r}.jsonl")
-        recs[r] = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    return recs
+    return {r: read_records(os.path.join(out_dir, f"rank{r}.jsonl")) for r in range(nproc)}
 
 
 def _worker_cmd(out_dir, shadow_dir, args: dict) -> list[str]:
@@ -315,6 +314,7 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
             launcher.kill(fail_rank, signal.SIGCONT)
         _wait(lambda: launcher.poll() or not launcher.running(), 600, "the ranks to finish", echo, status)
         codes = launcher.wait(60)
+        reaped = [t for r, _, t in launcher.exits if r == fail_rank]
     recs = _read(out, nproc)
     failures = [x for r in survivors for x in recs[r] if x.get("event") == "failure"]
     served = [x for rs in recs.values() for x in rs if "batch_of" in x]
@@ -328,6 +328,7 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
         "nproc": nproc, "steps": steps, "tokens_per_batch": tokens, "failed_rank": fail_rank,
         "failure": "hang (SIGSTOP)" if hang else "crash (SIGKILL)", "fail_time": t_fail - t_start,
         "detection_latency_s": min(f["t_detect"] for f in failures) - t_fail,
+        "death_notice_s": reaped[0] - t_fail if reaped and not hang else None,  # kill -> launcher reaped it
         "agreement_s": max(f["t_agreed"] - f["t_detect"] for f in failures),
         "recovery_s": max(f["t_recovered"] - f["t_agreed"] for f in failures),
         "pause_s": min(after) - max(before),

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch.distributed as dist
@@ -39,6 +40,8 @@ class Launcher:
         self.respawned = 0
         self._reaped: set[int] = set()
         self._logs = []
+        self._lock = threading.Lock()  # watcher threads and poll() reap through it
+        self._closing = False
 
     def env_for(self, rank: int) -> dict:
         env = dict(os.environ)
@@ -56,8 +59,15 @@ class Launcher:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, f"rank{rank}.log"), "ab")
             self._logs.append(out)
-        self.procs[rank] = subprocess.Popen(self.cmd, env=self.env_for(rank), stdout=out, stderr=subprocess.STDOUT
-                                            if out else None)
+        proc = subprocess.Popen(self.cmd, env=self.env_for(rank), stdout=out, stderr=subprocess.STDOUT if out else None)
+        self.procs[rank] = proc
+        # A thread blocked in waitpid posts the death notice the moment the kernel reaps the child,
+        # so survivors agree without waiting for a heartbeat timeout or for a poll() loop to come round.
+        threading.Thread(target=self._watch, args=(rank, proc), name=f"watch-rank{rank}", daemon=True).start()
+
+    def _watch(self, rank: int, proc: subprocess.Popen) -> None:
+        proc.wait()
+        self._reap(rank, proc)
 
     def start(self) -> Launcher:
         for r in range(self.nproc):
@@ -74,16 +84,22 @@ class Launcher:
         return t
 
     def poll(self) -> None:
-        """Reap exited ranks: announce deaths to the group, respawn if asked."""
+        """Reap exited ranks: announce deaths to the group, respawn if asked (the watcher threads
+        already do this as each rank exits; polling only makes it certain before reading ``exits``)."""
         for rank, proc in list(self.procs.items()):
-            rc = proc.poll()
-            if rc is None or proc.pid in self._reaped:
-                continue
+            if proc.poll() is not None:
+                self._reap(rank, proc)
+
+    def _reap(self, rank: int, proc: subprocess.Popen) -> None:
+        with self._lock:
+            if proc.pid in self._reaped:
+                return
             self._reaped.add(proc.pid)
+            rc = proc.returncode
             self.exits.append((rank, rc, time.time()))
             if rc != 0:
                 self.store.set(f"{STORE_PREFIX}dead/{rank}", "1")
-                if self.respawn and self.respawned < self.max_respawns:
+                if self.respawn and self.respawned < self.max_respawns and not self._closing:
                     self.respawned += 1
                     self._spawn(rank)
 
@@ -103,6 +119,8 @@ class Launcher:
 
     def close(self) -> None:
         """Kill and reap every child still running, by PID."""
+        with self._lock:
+            self._closing = True  # no respawns from here on
         for proc in self.procs.values():
             if proc.poll() is None:
                 try:

@@ -3,7 +3,6 @@ once, a replacement that rejoins; outputs checked against a single-process refer
 
 import datetime
 import glob
-import json
 import os
 import signal
 import sys
@@ -12,7 +11,7 @@ import time
 import pytest
 import torch
 
-from moe_resilient.drill import DrillModel, make_batch
+from moe_resilient.drill import DrillModel, make_batch, read_records
 from moe_resilient.group import ElasticGroup
 from moe_resilient.launch import Launcher
 from moe_resilient.shadow import ShadowStore
@@ -31,8 +30,7 @@ def roomy_reference():  # 4 slots per rank: two ranks lost still leave a slot fo
 
 
 def _records(out_dir, rank):
-    path = os.path.join(out_dir, f"rank{rank}.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    return read_records(os.path.join(out_dir, f"rank{rank}.jsonl"))
 
 
 def _served(out_dir, rank):

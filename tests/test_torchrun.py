@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from moe_resilient.drill import DrillModel
+from moe_resilient.drill import DrillModel, read_records
 from moe_resilient.shadow import ShadowStore
 
 HERE = os.path.dirname(__file__)
@@ -97,7 +97,7 @@ def test_lost_node_does_not_stop_the_other_node(tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             path = out / "rank2.jsonl"
-            if path.exists() and sum(1 for _ in open(path)) >= 5:
+            if len(read_records(path)) >= 5:
                 break
             time.sleep(0.05)
         else:
@@ -107,7 +107,7 @@ def test_lost_node_does_not_stop_the_other_node(tmp_path):
 
         def finished(rank):
             path = out / f"rank{rank}.jsonl"
-            return any(r.get("step") == 399 and "batch_of" in r for r in map(json.loads, open(path)))
+            return any(r.get("step") == 399 and "batch_of" in r for r in read_records(path))
 
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not (finished(0) and finished(1)):
@@ -118,7 +118,7 @@ def test_lost_node_does_not_stop_the_other_node(tmp_path):
     finally:
         _reap([node0, node1])
     for rank in (0, 1):
-        recs = [json.loads(line) for line in open(out / f"rank{rank}.jsonl")]
+        recs = read_records(out / f"rank{rank}.jsonl")
         failures = [r for r in recs if r.get("event") == "failure"]
         assert len(failures) == 1 and failures[0]["lost"] == [2, 3], failures
         assert max(r["step"] for r in recs if "batch_of" in r) == 399  # carried on to the end
