@@ -81,17 +81,20 @@ def launch(nproc, respawn, timeout, script, args):
 @click.option("--baseline", type=click.Choice(["none", "restart"]), default="none", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the measurements here")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="PNG of throughput over time")
-def drill(nproc, steps, tokens, fail_rank, fail_step, hang, replace, baseline, json_path, plot_path):
+@click.option("--compile/--eager", "compile_", default=True, show_default=True,
+              help="serve through compiled stages and count recompiles")
+def drill(nproc, steps, tokens, fail_rank, fail_step, hang, replace, baseline, json_path, plot_path, compile_):
     """Serve a tiny MoE model on NPROC ranks, fail one mid-stream, measure the interruption."""
     import json
 
     from moe_resilient.drill import plot, run_drill
 
     result = run_drill(nproc, steps, fail_rank, fail_step, hang=hang, replace=replace,
-                       baseline=baseline == "restart", tokens=tokens, echo=click.echo)
+                       baseline=baseline == "restart", tokens=tokens, compile=compile_, echo=click.echo)
     click.echo(f"detection {result['detection_latency_s'] * 1e3:.1f} ms, agreement {result['agreement_s'] * 1e3:.1f} ms, "
                f"recovery {result['recovery_s'] * 1e3:.1f} ms, pause {result['pause_s'] * 1e3:.1f} ms, "
-               f"lost batches {result['lost_batches']}, re-run {result['rerun_batches']}")
+               f"lost batches {result['lost_batches']}, re-run {result['rerun_batches']}, "
+               f"recompiles {result['recompiles']}{'' if compile_ else ' (eager)'}")
     if "restart_warm_s" in result:
         click.echo(f"full restart: cold cache {result['restart_cold_s']:.2f} s, warm cache {result['restart_warm_s']:.2f} s "
                    f"= {result['restart_over_pause']:.0f}x the elastic pause")

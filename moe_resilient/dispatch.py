@@ -32,40 +32,99 @@ class _AllToAll(torch.autograd.Function):
         return ctx.group.all_to_all(grad.contiguous(), ctx.recv_counts, ctx.send_counts), None, None, None
 
 
+class Loopback:
+    """A stand-in group of one for ``ep_forward``: every row "sent" comes straight back, so the local
+    slots compute every expert. Compiles the stages before a real group exists (a first compile takes
+    seconds, longer than any collective timeout) and runs them without peers."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+        return send_counts
+
+    def all_to_all(self, send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
+        return send.clone()  # a fresh tensor, as a real exchange returns: the compiled graphs then match
+
+
 def check_owned_slots(layer: ResilientMoE) -> None:
     rank_of = layer.placement.slot_rank
     if bool((rank_of[1:] < rank_of[:-1]).any()):
         raise ValueError("expert parallelism needs slots numbered rank by rank (slot_rank non-decreasing)")
 
 
-def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticGroup) -> torch.Tensor:
-    """hidden_states [..., H] of this rank's tokens -> [..., H]. Raises RankFailure on a lost peer."""
+def _plan_dispatch(layer: ResilientMoE, x: torch.Tensor, world_size: int):
+    """x [T, H] -> (topk_weights [T, K], slot_ids [T, K], order [T*K], offsets [S+1], send_counts [W]).
+    Static shapes only (no bincount), so it compiles into one graph."""
+    _, topk_weights, _, slot_ids, order, offsets = layer.route(x)
+    send_counts = offsets.new_zeros(world_size).index_add_(0, layer.placement.slot_rank, offsets[1:] - offsets[:-1])
+    return topk_weights, slot_ids, order, offsets, send_counts
+
+
+def _local_experts(layer: ResilientMoE, recv_x: torch.Tensor, recv_slots: torch.Tensor) -> torch.Tensor:
+    """Rows received from every rank, recv_x [N, H] with their slots [N] -> expert outputs [N, H]."""
+    local_order = torch.sort(recv_slots, stable=True).indices
+    counts = recv_slots.new_zeros(layer.config.num_slots).index_add_(0, recv_slots, torch.ones_like(recv_slots))
+    local_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    y_sorted = layer.experts(recv_x[local_order], local_offsets)
+    return torch.empty_like(y_sorted).index_copy(0, local_order, y_sorted)
+
+
+def _combine(layer: ResilientMoE, x, topk_weights, slot_ids, sent, y_back) -> torch.Tensor:
+    """Expert outputs back in (token, k) order (unroutable pairs stay 0), weighted sum, shared expert."""
+    y = y_back.new_zeros(slot_ids.numel(), x.shape[-1]).index_copy(0, sent, y_back)
+    return layer.add_shared_expert(x, combine(topk_weights, slot_ids, y))
+
+
+_STAGES = (_plan_dispatch, _local_experts, _combine)
+_compiled_stages: tuple | None = None
+
+
+def compiled_stages() -> tuple:
+    """The three compute stages of ep_forward under torch.compile, built once per process and shared by
+    every layer (modules are graph inputs, not constants). Row counts are unbacked symbols (see
+    ``_rows``), so a batch of another size, a makeup batch or a new membership compiles nothing;
+    placement tensors are read at run time, so recover() compiles nothing either."""
+    global _compiled_stages
+    if _compiled_stages is None:
+        _compiled_stages = tuple(torch.compile(f, fullgraph=True) for f in _STAGES)
+    return _compiled_stages
+
+
+def _rows(*tensors: torch.Tensor) -> None:
+    """Mark dim 0 (a row count that changes every step) dynamic before a compiled stage sees it.
+    Unbacked, not merely dynamic: a dynamic size is still specialised at 0 and 1, and duck-shaped
+    into a weight dimension that happens to be equal; either would recompile later."""
+    for t in tensors:
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+
+
+def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticGroup | Loopback, *,
+               compiled: bool = False) -> torch.Tensor:
+    """hidden_states [..., H] of this rank's tokens -> [..., H]. Raises RankFailure on a lost peer.
+    ``compiled`` runs the compute between the collectives as compiled graphs (``compiled_stages``)."""
     c, p = layer.config, layer.placement
     if p.world_size != group.world_size:
         raise ValueError(f"layer placement has world_size {p.world_size}, the group {group.world_size}")
+    plan_dispatch, local_experts, combine_back = compiled_stages() if compiled else _STAGES
     x = hidden_states.reshape(-1, c.hidden_size)
-    T = x.shape[0]
-    _, topk_weights, topk_ids, slot_ids, order, offsets = layer.route(x)
-    K = topk_ids.shape[1]
-    n_live = int(offsets[-1])
-    sent = order[:n_live]  # (token, k) pairs grouped by slot, hence by destination rank
+    if compiled:
+        _rows(x)
+    topk_weights, slot_ids, order, offsets, send_counts = plan_dispatch(layer, x, group.world_size)
+    K = slot_ids.shape[1]
+    sent = order[: int(offsets[-1])]  # (token, k) pairs grouped by slot, hence by destination rank
     send_slots = slot_ids.flatten()[sent]
-    send_counts = torch.bincount(p.slot_rank[send_slots], minlength=group.world_size)
 
     recv_counts = group.exchange_counts(send_counts)
     recv_x = _AllToAll.apply(x[sent // K], group, send_counts, recv_counts)
     recv_slots = group.all_to_all(send_slots, send_counts, recv_counts)
-
-    local_order = torch.sort(recv_slots, stable=True).indices
-    local_offsets = torch.zeros(c.num_slots + 1, dtype=torch.long)
-    local_offsets[1:] = torch.cumsum(torch.bincount(recv_slots, minlength=c.num_slots), 0)
-    y_sorted = layer.experts(recv_x[local_order], local_offsets)
-    y_recv = torch.empty_like(y_sorted).index_copy(0, local_order, y_sorted)
+    if compiled:
+        _rows(recv_x, recv_slots)
+    y_recv = local_experts(layer, recv_x, recv_slots)
     y_back = _AllToAll.apply(y_recv, group, recv_counts, send_counts)
-
-    y = y_back.new_zeros(T * K, c.hidden_size).index_copy(0, sent, y_back)  # unroutable pairs stay 0
-    out = combine(topk_weights, slot_ids, y)
-    return layer.add_shared_expert(x, out).reshape(hidden_states.shape)
+    if compiled:
+        _rows(topk_weights, slot_ids, order, sent, y_back)  # order: sent is a view of it
+    return combine_back(layer, x, topk_weights, slot_ids, sent, y_back).reshape(hidden_states.shape)
 
 
 class PlacementMismatchError(RuntimeError):

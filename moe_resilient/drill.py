@@ -5,9 +5,9 @@ replacement rejoins. ``--baseline restart`` measures what every other stack does
 Worker protocol (one JSON line per event in ``out_dir/rank{r}.jsonl``):
     {"step", "batch_of", "served_by", "gen", "t0", "t1", "tokens"}      a batch served
         (+ "makeup": true for a lost rank's in-flight batch, re-run with the survivors' next step)
-    {"event": "failure", "step", "lost", "t_detect", "t_recovered", "recovery"}
+    {"event": "failure", "step", "lost", "t_detect", "t_recovered", "graphs", "recovery"}
+    {"event": "done", "graphs"}                    graphs: torch.compile graphs built so far
     {"event": "admitted", "ranks", "step", "t"}    {"event": "fenced", "t", "error"}
-    {"event": "restart_ready", "t"}                (baseline: weights loaded, compiled, warm)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moe_resilient import planner
-from moe_resilient.dispatch import check_placement_consistent, ep_forward
+from moe_resilient.dispatch import Loopback, check_placement_consistent, ep_forward
 from moe_resilient.group import ElasticGroup, FencedError, RankFailure
 from moe_resilient.layer import MoEConfig, ResilientMoE
 from moe_resilient.recovery import recover
@@ -54,9 +54,9 @@ class DrillModel(nn.Module):
             x = x + layer(norm(x))
         return x
 
-    def ep(self, x: torch.Tensor, group: ElasticGroup) -> torch.Tensor:
+    def ep(self, x: torch.Tensor, group: ElasticGroup | Loopback, compiled: bool = False) -> torch.Tensor:
         for norm, layer in zip(self.norms, self.moe):
-            x = x + ep_forward(layer, norm(x), group)
+            x = x + ep_forward(layer, norm(x), group, compiled=compiled)
         return x
 
 
@@ -118,16 +118,18 @@ def worker(args) -> int:
         log.write(json.dumps(rec) + "\n")
 
     model = DrillModel(int(os.environ["WORLD_SIZE"]), args.slots_per_rank, args.seed).eval()
-    if args.restart:  # baseline: weights from safetensors, compile, warm up
+    if args.restart:  # baseline: weights from safetensors (the compile happens in the first step)
         shadow = ShadowStore.open(args.shadow)
         for name, layer in resilient_layers(model).items():
             for e in range(layer.config.num_experts):
                 w13, w2 = shadow.read_expert(name, e)
                 for s in layer.placement.slots_of(e):
                     layer.experts.write_slot(s, w13, w2)
-        compiled = torch.compile(model, fullgraph=True)
+    if args.compile:  # compile before the group forms: a first compile outlasts any collective timeout
         with torch.no_grad():
-            compiled(make_batch(0, rank, args.tokens))
+            model.ep(make_batch(0, rank, args.tokens), Loopback(int(os.environ["WORLD_SIZE"])), compiled=True)
+        for layer in model.moe:
+            layer.read_load(reset=True)
     group = ElasticGroup.from_env(timeout=args.collective_timeout, heartbeat_timeout=args.heartbeat_timeout).start()
     shadow = ShadowStore.open(args.shadow)
     step = 0
@@ -137,8 +139,6 @@ def worker(args) -> int:
     if args.perturb_placement and rank == 1:  # bad input on purpose: one rank disagrees
         model.moe[0].placement.remap(model.moe[0].placement.phy2log.roll(1))
     check_placement_consistent(resilient_layers(model), group)
-    if args.restart:
-        emit(event="restart_ready", t=time.time())
     pending = []  # (step, batch_of) of dead ranks' in-flight batches to re-run
     rejoined_at = [step if group.joined else -1]  # step at which the last admission completed
 
@@ -156,15 +156,16 @@ def worker(args) -> int:
             served = torch.cat([make_batch(step, rank, args.tokens)] + [make_batch(s, b, args.tokens) for s, b in mine])
             t0 = time.time()
             try:
-                out = model.ep(served, group)
+                out = model.ep(served, group, compiled=args.compile)
             except RankFailure as failure:
                 t_agreed = time.time()
+                graphs = compiled_graphs()
                 t_detect = t_agreed - (time.monotonic() - group.last_failure_detect_s)
                 report = recover(model, failure.lost_ranks, shadow=shadow, local_rank=rank,
                                  topology=planner.Topology(group.world_size, group.world_size))
                 check_placement_consistent(resilient_layers(model), group)
                 emit(event="failure", step=step, lost=failure.lost_ranks, t_detect=t_detect, t_agreed=t_agreed,
-                     t_recovered=time.time(),
+                     t_recovered=time.time(), graphs=graphs,
                      gen=group.generation, recovery=report.summary(), uncovered=report.uncovered)
                 pending += [(step, r) for r in failure.lost_ranks]
                 continue
@@ -187,8 +188,14 @@ def worker(args) -> int:
                 check_placement_consistent(resilient_layers(model), group)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
+    emit(event="done", graphs=compiled_graphs())
     group.finish()
     return 0
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a recompile adds one)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) if "torch._dynamo" in sys.modules else 0
 
 
 def worker_args(argv=None):
@@ -204,6 +211,7 @@ def worker_args(argv=None):
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--save-outputs", action="store_true")
     ap.add_argument("--restart", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="compiled compute stages (dispatch.compiled_stages)")
     ap.add_argument("--until-full", action="store_true", help="keep serving until every rank is back")
     ap.add_argument("--max-extra-steps", type=int, default=3000)
     ap.add_argument("--after-full", type=int, default=5, help="steps served once every rank is back")
@@ -222,6 +230,10 @@ if __name__ == "__main__":
 
 # ---------------------------------------------------------------------------------------------
 # Orchestration: run a drill, measure, plot (``moe-resilient drill``)
+
+
+# Compile in the rank itself: a pool of compile workers per rank only competes for the same cores.
+WORKER_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
 
 
 def read_records(path: str) -> list[dict]:
@@ -259,16 +271,17 @@ def _wait(pred, timeout: float, what: str, echo=None, status=None) -> None:
 
 
 def measure_restart(nproc: int, shadow_dir: str, work_dir: str, cache_dir: str, tokens: int, slots_per_rank: int,
-                    echo=print) -> float:
-    """Full-restart baseline: launch every rank anew; each loads its weights from safetensors,
-    compiles and warms up, forms the group and serves one step. Seconds until all served it."""
+                    compile: bool = True, echo=print) -> float:
+    """Full-restart baseline: launch every rank anew; each loads its weights from safetensors, forms
+    the group and serves one step, compiling the serving path on the way (with ``cache_dir`` as the
+    compile cache: cold the first time, warm after). Seconds until all served it."""
     from moe_resilient.launch import Launcher
 
     out = os.path.join(work_dir, f"restart-{time.time_ns()}")
     os.makedirs(out)
-    env = {"TORCHINDUCTOR_CACHE_DIR": cache_dir, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    env = {**WORKER_ENV, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
     cmd = _worker_cmd(out, shadow_dir, {"steps": 1, "tokens": tokens, "slots-per-rank": slots_per_rank,
-                                        "restart": True})
+                                        "restart": True, "compile": compile})
     t0 = time.time()
     with Launcher(nproc, cmd, env=env, log_dir=os.path.join(out, "logs")) as launcher:
         _wait(lambda: all(any("batch_of" in x for x in recs) for recs in _read(out, nproc).values()), 600,
@@ -278,10 +291,16 @@ def measure_restart(nproc: int, shadow_dir: str, work_dir: str, cache_dir: str, 
     return served - t0
 
 
+def _graphs_after_failure(recs: list[dict]) -> int:
+    counts = [x["graphs"] for x in recs if x.get("event") in ("failure", "done")]
+    return counts[-1] - counts[0] if counts else 0
+
+
 def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: int = 20, hang: bool = False,
               replace: bool = False, baseline: bool = False, tokens: int = 32, slots_per_rank: int = 3,
-              step_sleep: float = 0.0, work_dir: str | None = None, echo=print) -> dict:
-    """Serve, fail a rank at ``fail_step``, keep serving; returns the measurements (see README)."""
+              step_sleep: float = 0.0, compile: bool = True, work_dir: str | None = None, echo=print) -> dict:
+    """Serve, fail a rank at ``fail_step``, keep serving; returns the measurements (see README).
+    ``compile``: the ranks serve through compiled stages and the drill counts their recompiles."""
     import tempfile
 
     from moe_resilient.launch import Launcher
@@ -291,14 +310,14 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
     os.makedirs(out, exist_ok=True)
     ShadowStore.export(DrillModel(nproc, slots_per_rank), shadow_dir)
     cmd = _worker_cmd(out, shadow_dir, {"steps": steps, "tokens": tokens, "slots-per-rank": slots_per_rank,
-                                        "step-sleep": step_sleep, "until-full": replace,
+                                        "step-sleep": step_sleep, "until-full": replace, "compile": compile,
                                         "heartbeat-timeout": 0.5 if hang else None})
 
     def status():
         done = {r: sum("batch_of" in x for x in recs) for r, recs in _read(out, nproc).items()}
         return "  serving: " + "  ".join(f"rank{r} {n:3d}/{steps}" for r, n in done.items())
 
-    with Launcher(nproc, cmd, respawn=replace, log_dir=os.path.join(out, "logs")) as launcher:
+    with Launcher(nproc, cmd, respawn=replace, env=WORKER_ENV, log_dir=os.path.join(out, "logs")) as launcher:
         _wait(lambda: sum("batch_of" in x for x in _read(out, nproc)[fail_rank]) >= fail_step, 300,
               f"rank {fail_rank} to serve {fail_step} steps", echo, status)
         t_fail = launcher.kill(fail_rank, signal.SIGSTOP if hang else signal.SIGKILL)
@@ -334,7 +353,9 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
         "pause_s": min(after) - max(before),
         "lost_batches": sorted(expected - got),
         "rerun_batches": sorted((x["step"], x["batch_of"]) for x in served if x.get("makeup")),
-        "recompiles": 0,  # the EP path runs eager; recover() counts compiles (see each report)
+        "compiled": compile,
+        # graphs built between a survivor's first failure and its exit: a recompile caused by recovery
+        "recompiles": sum(_graphs_after_failure(recs[r]) for r in survivors),
         "recoveries": sorted({f["recovery"] for f in failures}),
         "exit_codes": codes,
         "admitted": [x for r in range(nproc) for x in recs[r] if x.get("event") == "admitted"][:4],
@@ -344,9 +365,11 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
     if baseline:
         cache = os.path.join(work_dir, "inductor-cache")
         echo("baseline: full restart with a cold compile cache")
-        result["restart_cold_s"] = measure_restart(nproc, shadow_dir, work_dir, cache, tokens, slots_per_rank, echo)
+        result["restart_cold_s"] = measure_restart(nproc, shadow_dir, work_dir, cache, tokens, slots_per_rank,
+                                                   compile, echo)
         echo("baseline: full restart with a warm compile cache")
-        result["restart_warm_s"] = measure_restart(nproc, shadow_dir, work_dir, cache, tokens, slots_per_rank, echo)
+        result["restart_warm_s"] = measure_restart(nproc, shadow_dir, work_dir, cache, tokens, slots_per_rank,
+                                                   compile, echo)
         result["restart_over_pause"] = result["restart_warm_s"] / result["pause_s"]
     return result
 

@@ -158,7 +158,6 @@ class ElasticGroup:
             _retire(self._pg)
         self._pg = pg
         self.generation, self.members = g, members
-        self._member_index = torch.tensor(members, dtype=torch.long)  # gathers [W] counts to members
         admitted = f"gen/{g}/admitted"
         self._admitted = int(self.store.get(admitted)) if self.store.check([admitted]) else 0
         self._admit_target = max(self._admit_target, self._admitted)
@@ -232,28 +231,31 @@ class ElasticGroup:
                 raise RuntimeError(f"collective failed with every member alive (generation {self.generation}): {cause}")
             raise RankFailure(lost, self.generation, f"cause: {cause}") from None
 
+    # Host work per call is a handful of small tensors and Python lists: on the hot path, advanced
+    # indexing on [W] tensors cost more than the wrapper's whole remaining bookkeeping.
     def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
         """send_counts [W] int64 (rows for each global rank) -> recv_counts [W]. Also carries the
         join word (see module docstring); call ``step_boundary`` after the step."""
-        idx = self._member_index
-        n = idx.numel()
-        send = torch.stack([send_counts[idx], torch.full((n,), self._seen_joins, dtype=torch.long)], 1)
-        recv = torch.empty(n, 2, dtype=torch.long)
-        splits = [2] * n
-        self._run(lambda pg: pg.alltoall_base(recv.view(-1), send.view(-1), splits, splits))
-        self._admit_target = max(self._admit_target, int(recv[:, 1].min()))
-        out = torch.zeros(self.world_size, dtype=torch.long)
-        out[idx] = recv[:, 0]
-        return out
+        counts, seen = send_counts.tolist(), self._seen_joins
+        send = torch.tensor([v for r in self.members for v in (counts[r], seen)], dtype=torch.long)
+        recv = torch.empty_like(send)
+        splits = [2] * len(self.members)
+        self._run(lambda pg: pg.alltoall_base(recv, send, splits, splits))
+        got = recv.tolist()
+        self._admit_target = max(self._admit_target, min(got[1::2]))
+        out = [0] * self.world_size
+        for r, n in zip(self.members, got[0::2]):
+            out[r] = n
+        return torch.tensor(out, dtype=torch.long)
 
     def all_to_all(self, send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
         """send [sum(send_counts), ...] rows grouped by destination global rank -> received rows
         grouped by source global rank. Counts are [W]; non-members must be 0."""
-        idx = self._member_index
-        recv = send.new_empty((int(recv_counts.sum()), *send.shape[1:]))
-        in_splits = send_counts[idx].tolist()
-        out_splits = recv_counts[idx].tolist()
-        self._run(lambda pg: pg.alltoall_base(recv, send.contiguous(), out_splits, in_splits))
+        sent, got = send_counts.tolist(), recv_counts.tolist()
+        in_splits, out_splits = [sent[r] for r in self.members], [got[r] for r in self.members]
+        recv = send.new_empty((sum(out_splits), *send.shape[1:]))
+        send = send.contiguous()
+        self._run(lambda pg: pg.alltoall_base(recv, send, out_splits, in_splits))
         return recv
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

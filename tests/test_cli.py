@@ -36,4 +36,5 @@ def test_drill_writes_json_and_plot(tmp_path):
     result = json.loads(out_json.read_text())
     assert result["lost_batches"] == [] and result["rerun_batches"] == [[5, 2]]
     assert 0 < result["detection_latency_s"] < result["pause_s"]
+    assert result["compiled"] and result["recompiles"] == 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

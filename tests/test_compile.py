@@ -77,3 +77,25 @@ def test_compiled_backward_matches_eager(compiled):
     eager_grads = {n: p.grad for n, p in layer.named_parameters()} | {"x": x.grad}
     for n, g in eager_grads.items():
         torch.testing.assert_close(compiled_grads[n], g, rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_ep_stages_compile_once_for_every_batch_size_and_placement():
+    """The compiled compute stages of the expert-parallel forward (one set per process, shared by every
+    layer) run batches of any size, 0 and 1 included, and placement edits without recompiling."""
+    from moe_resilient.dispatch import Loopback, ep_forward
+
+    torch.manual_seed(1)
+    cfg = MoEConfig(H, I, E, 2, num_slots=E + 4, world_size=3)
+    layers = [ResilientMoE(cfg), ResilientMoE(cfg)]
+    layers[0].add_replica(2, 9)
+    group = Loopback(3)
+    with torch.no_grad():
+        ep_forward(layers[0], torch.randn(16, H), group, compiled=True)  # compiles the three stages
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for layer, tokens in [(layers[0], 5), (layers[1], 16), (layers[0], 1), (layers[1], 0), (layers[0], 40)]:
+                x = torch.randn(tokens, H)
+                torch.testing.assert_close(ep_forward(layer, x, group, compiled=True), layer(x), rtol=1e-5, atol=1e-5)
+            layers[0].move_expert(5, 10)
+            layers[0].placement.mark_dead(2, allow_uncovered=True)
+            x = torch.randn(12, H)
+            torch.testing.assert_close(ep_forward(layers[0], x, group, compiled=True), layers[0](x), rtol=1e-5, atol=1e-5)

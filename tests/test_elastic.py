@@ -69,9 +69,9 @@ def _log(tmp_path, rank):
     return open(tmp_path / "logs" / f"rank{rank}.log").read()
 
 
-@pytest.mark.parametrize("victim", [2, 0], ids=["rank2", "rank0"])
-def test_sigkill_one_rank_survivors_continue(tmp_path, reference, victim):
-    launcher, out = _drill(tmp_path, reference, steps=10)
+@pytest.mark.parametrize("victim, compiled", [(2, True), (0, False)], ids=["rank2-compiled", "rank0-eager"])
+def test_sigkill_one_rank_survivors_continue(tmp_path, reference, victim, compiled):
+    launcher, out = _drill(tmp_path, reference, steps=10, extra=["--compile"] if compiled else [])
     with launcher:
         _wait_for(lambda: len(_served(out, victim)) >= 4, 120, "4 steps served")
         t_kill = launcher.kill(victim, signal.SIGKILL)
@@ -88,6 +88,9 @@ def test_sigkill_one_rank_survivors_continue(tmp_path, reference, victim):
     _check_outputs(out, reference, lost_step + 1, [victim])
     detect = min(f[0]["t_detect"] for f in failures.values()) - t_kill
     assert 0 < detect < 10  # sanity only: speed is measured by the drill, not asserted here
+    if compiled:  # the three stages, compiled once before serving; nothing after, recovery included
+        graphs = {r: [x["graphs"] for x in _records(out, r) if "graphs" in x] for r in survivors}
+        assert all(g == [3, 3] for g in graphs.values()), graphs
 
 
 def test_hung_rank_is_fenced_and_survivors_continue(tmp_path, reference):
