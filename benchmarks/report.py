@@ -14,19 +14,22 @@ def main(path: str) -> None:
     runs = json.load(open(path))["benchmarks"]
     median = defaultdict(dict)  # (dtype) -> {(impl, tokens): seconds}
     roof = {}
-    info = runs[0]["extra_info"]
+    machine = {(r["extra_info"]["dtype"], r["extra_info"]["tokens"]): r["extra_info"] for r in runs}
     for r in runs:
         e = r["extra_info"]
-        median[e["dtype"]][(e["impl"], e["tokens"])] = r["stats"]["median"]
+        for impl, seconds in e["median_s"].items():
+            median[e["dtype"]][(impl, e["tokens"])] = seconds
         roof[(e["dtype"], e["tokens"])] = e["roofline_s"]
-    print(f"Machine (same run): read bandwidth {info['read_GBps']:.1f} GB/s, "
-          f"dense GEMM {info['gemm_GFLOPps']:.1f} GFLOP/s.\n")
+    read = [e["read_GBps"] for e in machine.values()]
+    gemm = [e["gemm_GFLOPps"] for e in machine.values()]
+    print(f"Machine, probed right before and after the rounds of each size: read bandwidth {min(read):.1f}-{max(read):.1f} GB/s, "
+          f"dense GEMM {min(gemm):.1f}-{max(gemm):.1f} GFLOP/s (best per size).\n")
     for dtype, table in median.items():
         sizes = sorted({t for _, t in table})
         impls = [i for i in IMPLS if any((i, t) in table for t in sizes)]
         print(f"**{dtype}**, median ms (ratio to roofline):\n")
-        print("| tokens | roofline ms | " + " | ".join(impls) + " | ours / best HF |")
-        print("|---" * (len(impls) + 3) + "|")
+        print("| tokens | read GB/s, GEMM GFLOP/s | roofline ms | " + " | ".join(impls) + " | ours / best HF |")
+        print("|---" * (len(impls) + 4) + "|")
         for t in sizes:
             r = roof[(dtype, t)]
             cells = [f"{table[(i, t)] * 1e3:.2f} ({table[(i, t)] / r:.2f}x)" if (i, t) in table else "-" for i in impls]
@@ -34,7 +37,9 @@ def main(path: str) -> None:
             if ("resilient_compiled", t) in table:
                 ours = min(ours, table[("resilient_compiled", t)])
             hf = min(table[(i, t)] for i in ("hf_eager", "hf_grouped_mm") if (i, t) in table)
-            print(f"| {t} | {r * 1e3:.2f} | " + " | ".join(cells) + f" | {ours / hf:.2f}x |")
+            m = machine[(dtype, t)]
+            print(f"| {t} | {m['read_GBps']:.1f}, {m['gemm_GFLOPps']:.0f} | {r * 1e3:.2f} | " + " | ".join(cells)
+                  + f" | {ours / hf:.2f}x |")
         print()
 
 
