@@ -34,8 +34,8 @@ class _AllToAll(torch.autograd.Function):
 
 class Loopback:
     """A stand-in group of one for ``ep_forward``: every row "sent" comes straight back, so the local
-    slots compute every expert. Compiles the stages before a real group exists (a first compile takes
-    seconds, longer than any collective timeout) and runs them without peers."""
+    slots compute every expert. For compiling the stages before a real group exists (a first compile
+    takes seconds, longer than any collective timeout) and for running them without peers."""
 
     def __init__(self, world_size: int):
         self.world_size = world_size

@@ -118,7 +118,7 @@ def worker(args) -> int:
         log.write(json.dumps(rec) + "\n")
 
     model = DrillModel(int(os.environ["WORLD_SIZE"]), args.slots_per_rank, args.seed).eval()
-    if args.restart:  # baseline: weights from safetensors (the compile happens in the first step)
+    if args.restart:  # baseline: weights from safetensors (then compiled below, as every rank is)
         shadow = ShadowStore.open(args.shadow)
         for name, layer in resilient_layers(model).items():
             for e in range(layer.config.num_experts):
