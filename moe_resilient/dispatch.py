@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from moe_resilient.group import ElasticGroup
+from torch import nn
+
+from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.layer import ResilientMoE, combine
+from moe_resilient.recovery import RecoveryReport, recover
+from moe_resilient.shadow import resilient_layers
 
 
 class _AllToAll(torch.autograd.Function):
@@ -144,6 +148,23 @@ def check_placement_consistent(layers: dict[str, ResilientMoE], group: ElasticGr
     bad = [name for i, name in enumerate(layers) if int(extremes[i]) != -int(extremes[n + i])]
     if bad:
         raise PlacementMismatchError(f"ranks disagree on the placement of layers {bad}")
+
+
+def recover_across_ranks(model: nn.Module, lost_ranks, group: ElasticGroup,
+                         **recover_kwargs) -> tuple[list[int], list[RecoveryReport]]:
+    """After a RankFailure under expert parallelism, on every survivor: ``recover`` (this rank writes
+    only the slots it owns), then check that all survivors hold the same placement. The check is a
+    collective, so a rank lost meanwhile raises there: repair for it in turn, until the check passes.
+    Returns every rank lost on the way and one report per repair."""
+    lost, new, reports = sorted(lost_ranks), list(lost_ranks), []
+    while True:
+        reports.append(recover(model, new, local_rank=group.rank, **recover_kwargs))
+        try:
+            check_placement_consistent(resilient_layers(model), group)
+            return lost, reports
+        except RankFailure as again:
+            new = list(again.lost_ranks)
+            lost = sorted(set(lost) | set(new))
 
 
 def reduce_grads_across_ranks(layer: ResilientMoE, group: ElasticGroup) -> None:

@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from moe_resilient import planner
-from moe_resilient.dispatch import Loopback, check_placement_consistent, ep_forward
+from moe_resilient.dispatch import Loopback, check_placement_consistent, ep_forward, recover_across_ranks
 from moe_resilient.group import ElasticGroup, FencedError, RankFailure
 from moe_resilient.layer import MoEConfig, ResilientMoE
-from moe_resilient.recovery import recover
 from moe_resilient.shadow import ShadowStore, resilient_layers
 
 HIDDEN, INTER, EXPERTS, TOP_K, LAYERS = 64, 128, 8, 2, 2
@@ -161,24 +160,25 @@ def worker(args) -> int:
                 t_agreed = time.time()
                 graphs = compiled_graphs()
                 t_detect = t_agreed - (time.monotonic() - group.last_failure_detect_s)
-                report = recover(model, failure.lost_ranks, shadow=shadow, local_rank=rank,
-                                 topology=planner.Topology(group.world_size, group.world_size))
-                check_placement_consistent(resilient_layers(model), group)
-                emit(event="failure", step=step, lost=failure.lost_ranks, t_detect=t_detect, t_agreed=t_agreed,
-                     t_recovered=time.time(), graphs=graphs,
-                     gen=group.generation, recovery=report.summary(), uncovered=report.uncovered)
-                pending += [(step, r) for r in failure.lost_ranks]
+                if args.die_during_recovery == rank:  # test: a second rank lost while the first is repaired
+                    os.kill(os.getpid(), signal.SIGKILL)
+                lost, reports = recover_across_ranks(model, failure.lost_ranks, group, shadow=shadow,
+                                                     topology=planner.Topology(group.world_size, group.world_size))
+                emit(event="failure", step=step, lost=lost, t_detect=t_detect, t_agreed=t_agreed,
+                     t_recovered=time.time(), graphs=graphs, gen=group.generation,
+                     recovery="; ".join(r.summary() for r in reports), uncovered=reports[-1].uncovered)
+                pending += [(step, r) for r in lost]
                 continue
             except FencedError as exc:
                 emit(event="fenced", t=time.time(), error=str(exc))
                 return 3
             t1 = time.time()
             for i, (batch_step, batch_of) in enumerate([(step, rank)] + mine):
-                emit(step=batch_step, batch_of=batch_of, served_by=rank, gen=group.generation, t0=t0, t1=t1,
-                     tokens=args.tokens, **({"makeup": True} if i else {}))
-                if args.save_outputs:
+                if args.save_outputs:  # before the record: a batch recorded as served has its output
                     _save(out[i * args.tokens:(i + 1) * args.tokens],
                           os.path.join(args.out_dir, f"out_s{batch_step}_b{batch_of}.pt"))
+                emit(step=batch_step, batch_of=batch_of, served_by=rank, gen=group.generation, t0=t0, t1=t1,
+                     tokens=args.tokens, **({"makeup": True} if i else {}))
             pending.clear()
             step += 1
             if group.step_boundary():
@@ -216,6 +216,7 @@ def worker_args(argv=None):
     ap.add_argument("--max-extra-steps", type=int, default=3000)
     ap.add_argument("--after-full", type=int, default=5, help="steps served once every rank is back")
     ap.add_argument("--perturb-placement", action="store_true", help="test: rank 1 starts with another placement")
+    ap.add_argument("--die-during-recovery", type=int, default=-1, help="test: this rank dies on meeting a failure")
     return ap.parse_args(argv)
 
 

@@ -134,6 +134,27 @@ def test_two_ranks_lost_then_replacements_rejoin(tmp_path, roomy_reference):
                                            atol=1e-5)
 
 
+def test_rank_lost_during_recovery_is_repaired_too(tmp_path, roomy_reference):
+    """Rank 3 dies while the survivors repair for rank 2 (it SIGKILLs itself on meeting the failure):
+    the placement check after recover() meets the new loss, and the survivors repair for it in turn."""
+    reference = roomy_reference
+    launcher, out = _drill(tmp_path, reference, steps=10, extra=["--die-during-recovery", "3"], spr=SPR + 1)
+    with launcher:
+        _wait_for(lambda: len(_served(out, 2)) >= 4, 120, "4 steps served")
+        launcher.kill(2, signal.SIGKILL)
+        codes = launcher.wait(120)
+    assert codes == {0: 0, 1: 0, 2: -signal.SIGKILL, 3: -signal.SIGKILL}, (codes, launcher.exits)
+    for r in (0, 1):
+        failures = [x for x in _records(out, r) if x.get("event") == "failure"]
+        assert len(failures) == 1 and failures[0]["lost"] == [2, 3], failures
+        assert failures[0]["uncovered"] == {"moe.0": [], "moe.1": []}
+    lost_step = failures[0]["step"]
+    makeups = sorted((x["step"], x["batch_of"]) for r in (0, 1) for x in _served(out, r) if x.get("makeup"))
+    assert makeups == [(lost_step, 2), (lost_step, 3)]
+    _check_outputs(out, reference, 10, [0, 1])
+    _check_outputs(out, reference, lost_step + 1, [2, 3])
+
+
 def test_mismatched_placement_across_ranks_is_refused(tmp_path, reference):
     launcher, out = _drill(tmp_path, reference, steps=3, extra=["--perturb-placement"])
     with launcher:

@@ -16,8 +16,8 @@ import time
 import torch
 import torch._dynamo
 
-from moe_resilient import MoEConfig, ResilientMoE, ShadowStore, planner, recover
-from moe_resilient.dispatch import Loopback, ep_forward
+from moe_resilient import MoEConfig, ResilientMoE, ShadowStore, planner
+from moe_resilient.dispatch import Loopback, ep_forward, recover_across_ranks
 from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.launch import Launcher
 
@@ -53,10 +53,10 @@ def serve(shadow_dir: str) -> None:
                     try:
                         y = ep_forward(layer, x, group, compiled=True)
                         break
-                    except RankFailure as failure:
-                        report = recover(layer, failure.lost_ranks, shadow=shadow, local_rank=rank,
-                                         topology=planner.Topology(W, W))
-                        print(f"rank {rank}, step {step}: {report.summary()}", flush=True)
+                    except RankFailure as failure:  # every survivor repairs alike, then they compare
+                        _, reports = recover_across_ranks(layer, failure.lost_ranks, group, shadow=shadow,
+                                                          topology=planner.Topology(W, W))
+                        print(f"rank {rank}, step {step}: {reports[-1].summary()}", flush=True)
                 torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
                 open(os.path.join(shadow_dir, f"served{rank}"), "w").write(str(step + 1))
                 time.sleep(0.02)
