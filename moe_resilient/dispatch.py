@@ -152,19 +152,24 @@ def check_placement_consistent(layers: dict[str, ResilientMoE], group: ElasticGr
 
 def recover_across_ranks(model: nn.Module, lost_ranks, group: ElasticGroup,
                          **recover_kwargs) -> tuple[list[int], list[RecoveryReport]]:
-    """After a RankFailure under expert parallelism, on every survivor: ``recover`` (this rank writes
-    only the slots it owns), then check that all survivors hold the same placement. The check is a
-    collective, so a rank lost meanwhile raises there: repair for it in turn, until the check passes.
-    Returns every rank lost on the way and one report per repair."""
-    lost, new, reports = sorted(lost_ranks), list(lost_ranks), []
+    """After a RankFailure under expert parallelism, on every survivor: sum the layers' load counters
+    over the survivors (one all-reduce, so the plan is load-aware and alike on every rank), ``recover``
+    (this rank writes only the slots it owns), then check that all hold the same placement. A rank lost
+    meanwhile makes a collective raise: repair for it in turn, until the check passes. Returns every
+    rank lost on the way and one report per repair."""
+    layers = resilient_layers(model)
+    lost, pending, reports = sorted(lost_ranks), sorted(lost_ranks), []
     while True:
-        reports.append(recover(model, new, local_rank=group.rank, **recover_kwargs))
         try:
-            check_placement_consistent(resilient_layers(model), group)
+            counts = group.all_reduce(torch.cat([layer.expert_load for layer in layers.values()]))
+            load = dict(zip(layers, counts.split([layer.config.num_experts for layer in layers.values()])))
+            reports.append(recover(model, pending, local_rank=group.rank, load=load, **recover_kwargs))
+            pending = []
+            check_placement_consistent(layers, group)
             return lost, reports
         except RankFailure as again:
-            new = list(again.lost_ranks)
-            lost = sorted(set(lost) | set(new))
+            pending = sorted(set(pending) | set(again.lost_ranks))
+            lost = sorted(set(lost) | set(again.lost_ranks))
 
 
 def reduce_grads_across_ranks(layer: ResilientMoE, group: ElasticGroup) -> None:

@@ -66,6 +66,7 @@ def recover(
     restore_redundancy: bool = True,
     probe: torch.Tensor | None = None,
     local_rank: int | None = None,
+    load: dict[str, torch.Tensor] | None = None,
 ) -> RecoveryReport:
     """Restore coverage of every ResilientMoE layer of ``model`` after losing ``lost_ranks``.
 
@@ -73,9 +74,13 @@ def recover(
     and served degraded). ``step`` (current optimizer step) dates experts restored from shadow.
     ``probe``, if given, is run through ``model`` afterwards and any compile it triggers is counted.
 
+    ``load`` ({layer name: [E] tokens per expert}) is what the plan balances; by default each layer's
+    own counters, or uniform load under ``local_rank``.
+
     Under expert parallelism every rank calls this with the same arguments and its ``local_rank``:
-    the plan is deterministic and uses no rank-local input (load statistics differ per rank, so the
-    plan assumes uniform load), so all ranks make the same placement edits, and each rank writes
+    the plan is deterministic and uses no rank-local input (each rank counted only its own tokens, so
+    pass ``load`` summed over ranks, as ``dispatch.recover_across_ranks`` does, or the plan assumes
+    uniform load), so all ranks make the same placement edits, and each rank writes
     weights only into the slots it owns (a source replica on another rank is replaced by the shadow
     store, which every rank of a host reads from the same page cache).
     """
@@ -96,12 +101,18 @@ def recover(
         topo = topologies[name]
         alive = p.active.cpu().numpy().copy()
         alive[lost] = False
-        if local_rank is None:
-            load = layer.expert_load.cpu().numpy().astype(np.float64) + 1.0  # unseen experts still count
+        if load is not None and name in load:
+            counts = load[name]
+            if tuple(counts.shape) != (layer.config.num_experts,):
+                raise ValueError(f"recover: load for layer {name!r} has shape {list(counts.shape)}, "
+                                 f"expected [{layer.config.num_experts}]")
+            tokens = counts.cpu().numpy().astype(np.float64) + 1.0
+        elif local_rank is None:
+            tokens = layer.expert_load.cpu().numpy().astype(np.float64) + 1.0  # unseen experts still count
         else:  # each rank counted only its own tokens: plan on what every rank knows alike
-            load = np.ones(layer.config.num_experts)
+            tokens = np.ones(layer.config.num_experts)
         plans[name] = planner.repair_plan(
-            p.phy2log.cpu().numpy(), p.slot_rank.cpu().numpy(), alive, load, topo,
+            p.phy2log.cpu().numpy(), p.slot_rank.cpu().numpy(), alive, tokens, topo,
             restore_redundancy=restore_redundancy,
         )
     if shadow is not None:

@@ -104,3 +104,23 @@ def test_bad_lost_rank(served):
     layer, *_ = served
     with pytest.raises(ValueError, match="ranks \\[9\\] out of range"):
         recover(layer, [9])
+
+
+def test_recover_under_ep_plans_on_the_load_it_is_given(served):
+    """Under expert parallelism (local_rank) the plan uses the load passed in (summed over ranks by
+    recover_across_ranks), so it matches the single-process plan on the same counters."""
+    layer, _, store, _, _, baseline, topo = served
+    skewed = torch.zeros(E, dtype=torch.long)
+    skewed[5], skewed[11] = 5000, 3000
+    placements = []
+    for kwargs in ({}, {"local_rank": 0, "load": {"layer": skewed}}, {"local_rank": 0}):
+        layer.load_state_dict(baseline)
+        layer.expert_load.copy_(skewed if not kwargs else torch.zeros(E, dtype=torch.long))
+        recover(layer, [1, 6], shadow=store, topology=topo, **kwargs)
+        placements.append(layer.placement.phy2log.clone())
+    assert torch.equal(placements[0], placements[1])
+    assert not torch.equal(placements[0], placements[2])  # without it: uniform load, another plan
+    layer.load_state_dict(baseline)
+    with pytest.raises(ValueError, match="load for layer 'layer' has shape"):
+        recover(layer, [1], shadow=store, topology=topo, local_rank=0, load={"layer": torch.zeros(3)})
+    assert torch.equal(layer.placement.phy2log, baseline["placement.phy2log"])  # refused before any edit
