@@ -15,14 +15,15 @@ all-to-all, so the layer trains under expert parallelism too.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-
 from torch import nn
 
+from moe_resilient import planner
 from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.layer import ResilientMoE, combine
 from moe_resilient.recovery import RecoveryReport, recover
-from moe_resilient.shadow import resilient_layers
+from moe_resilient.shadow import ShadowStore, resilient_layers
 
 
 class _AllToAll(torch.autograd.Function):
@@ -170,6 +171,47 @@ def recover_across_ranks(model: nn.Module, lost_ranks, group: ElasticGroup,
         except RankFailure as again:
             pending = sorted(set(pending) | set(again.lost_ranks))
             lost = sorted(set(lost) | set(again.lost_ranks))
+
+
+def _sync_placement(layers: dict[str, ResilientMoE], group: ElasticGroup, root: int, step: int) -> int:
+    """Broadcast the step counter and every layer's placement (phy2log, active) from global rank
+    ``root`` and adopt it; returns the step."""
+    parts = [torch.tensor([step])]
+    for layer in layers.values():
+        parts += [layer.placement.phy2log, layer.placement.active.long()]
+    buf = group.broadcast(torch.cat(parts), root)
+    sizes = [1] + [n for layer in layers.values() for n in (layer.config.num_slots, group.world_size)]
+    chunks = buf.split(sizes)
+    for i, layer in enumerate(layers.values()):
+        layer.placement.set_state(chunks[1 + 2 * i], chunks[2 + 2 * i].bool(), allow_uncovered=True)
+    return int(chunks[0])
+
+
+def readmit_across_ranks(model: nn.Module, group: ElasticGroup, shadow: ShadowStore,
+                         step: int = 0) -> tuple[int, list[int]]:
+    """Right after ``group`` admitted replacements (``step_boundary()`` returned them on the members;
+    ``group.joined`` on a replacement), on every member, joiners included: adopt the placement and step
+    of the previous generation's lowest member, then give the joiners slots back by the deterministic
+    readmission plan; each target slot's owner loads its weights from ``shadow``. Returns the step to
+    serve next and the joiners."""
+    layers = resilient_layers(model)
+    previous = set(group.members_of(group.generation - 1))
+    joiners = sorted(set(group.members) - previous)
+    step = _sync_placement(layers, group, min(set(group.members) & previous), step)
+    topo = planner.Topology(group.world_size, group.world_size)
+    for name, layer in layers.items():
+        p = layer.placement
+        plan = planner.readmit_plan(p.phy2log.numpy(), p.slot_rank.numpy(), p.active.numpy(), joiners,
+                                    np.ones(layer.config.num_experts), topo)
+        # every target slot is out of routing until the single commit below (a joiner's slot is on
+        # a dead rank, any other is spare), so owners write weights first, then all flip at once
+        for target, expert, _, _ in plan.copies.tolist():
+            if int(p.slot_rank[target]) == group.rank:
+                layer.experts.write_slot(target, *shadow.read_expert(name, expert))
+        active = p.active.clone()
+        active[joiners] = True
+        p.set_state(plan.phy2log, active, allow_uncovered=True)  # may still be short
+    return step, joiners
 
 
 def reduce_grads_across_ranks(layer: ResilientMoE, group: ElasticGroup) -> None:

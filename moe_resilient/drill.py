@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from moe_resilient import planner
-from moe_resilient.dispatch import Loopback, check_placement_consistent, ep_forward, recover_across_ranks
+from moe_resilient.dispatch import (Loopback, check_placement_consistent, ep_forward, readmit_across_ranks,
+                                    recover_across_ranks)
 from moe_resilient.group import ElasticGroup, FencedError, RankFailure
 from moe_resilient.layer import MoEConfig, ResilientMoE
 from moe_resilient.shadow import ShadowStore, resilient_layers
@@ -64,45 +65,6 @@ def make_batch(step: int, batch_of: int, tokens: int) -> torch.Tensor:
     return torch.randn(tokens, HIDDEN, generator=g)
 
 
-def _sync_placement(model: DrillModel, group: ElasticGroup, root: int, step: int) -> int:
-    """Broadcast the step counter and every layer's placement from ``root``; returns the step."""
-    layers = list(model.moe)
-    S, W = layers[0].config.num_slots, group.world_size
-    buf = torch.zeros(1 + len(layers) * (S + W), dtype=torch.long)
-    buf[0] = step
-    for i, layer in enumerate(layers):
-        buf[1 + i * (S + W): 1 + i * (S + W) + S] = layer.placement.phy2log
-        buf[1 + i * (S + W) + S: 1 + (i + 1) * (S + W)] = layer.placement.active.long()
-    group.broadcast(buf, root)
-    for i, layer in enumerate(layers):
-        chunk = buf[1 + i * (S + W): 1 + (i + 1) * (S + W)]
-        layer.placement.set_state(chunk[:S], chunk[S:].bool(), allow_uncovered=True)
-    return int(buf[0])
-
-
-def _readmit(model: DrillModel, group: ElasticGroup, shadow: ShadowStore, step: int) -> tuple[int, list[int]]:
-    """Every member (joiners included) right after an admission: agree on placement and step with the
-    members of the previous generation, then give the joiners slots back by the deterministic
-    readmission plan; each slot's owner loads its weights from shadow."""
-    previous = set(group.members_of(group.generation - 1))
-    joiners = sorted(set(group.members) - previous)
-    step = _sync_placement(model, group, min(set(group.members) & previous), step)
-    topo = planner.Topology(group.world_size, group.world_size)
-    for name, layer in resilient_layers(model).items():
-        p = layer.placement
-        plan = planner.readmit_plan(p.phy2log.numpy(), p.slot_rank.numpy(), p.active.numpy(), joiners,
-                                    np.ones(layer.config.num_experts), topo)
-        # every target slot is out of routing until the single commit below (a joiner's slot is on
-        # a dead rank, any other is spare), so owners write weights first, then all flip at once
-        for target, expert, _, _ in plan.copies.tolist():
-            if int(p.slot_rank[target]) == group.rank:
-                layer.experts.write_slot(target, *shadow.read_expert(name, expert))
-        active = p.active.clone()
-        active[joiners] = True
-        p.set_state(plan.phy2log, active, allow_uncovered=True)  # may still be short
-    return step, joiners
-
-
 def _save(tensor: torch.Tensor, path: str) -> None:
     """Atomically: a rank killed mid-write leaves no torn file behind."""
     torch.save(tensor, path + ".tmp")
@@ -132,8 +94,8 @@ def worker(args) -> int:
     group = ElasticGroup.from_env(timeout=args.collective_timeout, heartbeat_timeout=args.heartbeat_timeout).start()
     shadow = ShadowStore.open(args.shadow)
     step = 0
-    if group.joined:  # a replacement: the members run the same _readmit after their step boundary
-        step, joiners = _readmit(model, group, shadow, 0)
+    if group.joined:  # a replacement: the members run the same readmission after their step boundary
+        step, joiners = readmit_across_ranks(model, group, shadow, 0)
         emit(event="admitted", ranks=joiners, step=step, t=time.time())
     if args.perturb_placement and rank == 1:  # bad input on purpose: one rank disagrees
         model.moe[0].placement.remap(model.moe[0].placement.phy2log.roll(1))
@@ -182,7 +144,7 @@ def worker(args) -> int:
             pending.clear()
             step += 1
             if group.step_boundary():
-                step, joiners = _readmit(model, group, shadow, step)
+                step, joiners = readmit_across_ranks(model, group, shadow, step)
                 rejoined_at[0] = step
                 emit(event="admitted", ranks=joiners, step=step, t=time.time())
                 check_placement_consistent(resilient_layers(model), group)

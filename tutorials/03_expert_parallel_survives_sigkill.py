@@ -1,5 +1,6 @@
 """Tutorial 3: expert parallelism over 3 processes; one is SIGKILLed mid-stream; the other two agree,
-recover() in place and keep serving through the same compiled graphs.
+recover in place and keep serving through the same compiled graphs; the launcher starts a replacement,
+which the group admits at a step boundary and gives its slots back.
 
     python tutorials/03_expert_parallel_survives_sigkill.py
 
@@ -17,11 +18,12 @@ import torch
 import torch._dynamo
 
 from moe_resilient import MoEConfig, ResilientMoE, ShadowStore, planner
-from moe_resilient.dispatch import Loopback, ep_forward, recover_across_ranks
+from moe_resilient.dispatch import Loopback, ep_forward, readmit_across_ranks, recover_across_ranks
 from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.launch import Launcher
 
 W, SLOTS_PER_RANK, STEPS, VICTIM = 3, 4, 40, 2
+MAX_STEPS = 5000  # serve past STEPS until the replacement is back, but not for ever
 
 
 def make_layer() -> ResilientMoE:
@@ -46,8 +48,16 @@ def serve(shadow_dir: str) -> None:
         #    than any collective may wait); from here on, a recompile raises.
         ep_forward(layer, batch(0, rank), Loopback(W), compiled=True)
         group = ElasticGroup.from_env().start()
+        step = full_since = 0  # full_since: the step from which every rank is a member again
+        if group.joined:  # a replacement: take the members' placement and step, get slots back
+            step, _ = readmit_across_ranks(layer, group, shadow)
+            full_since = step
+            print(f"rank {rank}: rejoined at step {step}", flush=True)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for step in range(STEPS):
+            # every member decides alike (same step, same agreed membership): serve STEPS, and 10 more
+            # once everyone is back
+            while step < max(STEPS, full_since + 10) or len(group.members) < W:
+                assert step < MAX_STEPS, "the replacement never came back"
                 x = batch(step, rank)
                 while True:  # 2. a step that meets a dead peer raises RankFailure: recover, re-run it
                     try:
@@ -59,28 +69,33 @@ def serve(shadow_dir: str) -> None:
                         print(f"rank {rank}, step {step}: {reports[-1].summary()}", flush=True)
                 torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
                 open(os.path.join(shadow_dir, f"served{rank}"), "w").write(str(step + 1))
+                step += 1
+                if group.step_boundary():  # 3. replacements are admitted here, agreed in-band
+                    step, joiners = readmit_across_ranks(layer, group, shadow, step)
+                    full_since = step
+                    print(f"rank {rank}: admitted {joiners} at step {step}", flush=True)
                 time.sleep(0.02)
     group.finish()
-    print(f"rank {rank}: served {STEPS} steps; no recompiles, same answers", flush=True)
+    print(f"rank {rank}: served up to step {step}; no recompiles, same answers", flush=True)
 
 
 def launch() -> None:
     shadow_dir = tempfile.mkdtemp(prefix="tutorial3-")
-    ShadowStore.export(make_layer(), shadow_dir)  # 3. shadow weights for experts that lose every copy
+    ShadowStore.export(make_layer(), shadow_dir)  # shadow weights for experts that lose every copy
     logs = os.path.join(shadow_dir, "logs")
     served = os.path.join(shadow_dir, f"served{VICTIM}")
-    with Launcher(W, [sys.executable, __file__, shadow_dir], log_dir=logs) as launcher:
+    with Launcher(W, [sys.executable, __file__, shadow_dir], log_dir=logs, respawn=True) as launcher:
         deadline = time.monotonic() + 240
         while not (os.path.exists(served) and int(open(served).read() or 0) >= 10):
-            if time.monotonic() > deadline or launcher.exits:
+            if time.monotonic() > deadline or launcher.exits:  # nobody may have exited yet
                 sys.exit(f"rank {VICTIM} never served 10 steps; see {logs}")
             time.sleep(0.05)
-        launcher.kill(VICTIM, signal.SIGKILL)  # 4. a rank dies mid-stream
+        launcher.kill(VICTIM, signal.SIGKILL)  # 4. a rank dies mid-stream; the launcher replaces it
         codes = launcher.wait(240)
     for rank in range(W):
         print(open(os.path.join(logs, f"rank{rank}.log")).read().strip() or f"rank {rank}: (no output)")
-    survivors = [r for r in range(W) if r != VICTIM]
-    assert codes[VICTIM] == -signal.SIGKILL and all(codes[r] == 0 for r in survivors), codes
+    assert (VICTIM, -signal.SIGKILL) in [(r, rc) for r, rc, _ in launcher.exits], launcher.exits
+    assert codes == {r: 0 for r in range(W)}, codes  # survivors and the replacement finished
     print("no recompiles, same answers")
 
 
