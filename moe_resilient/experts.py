@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe_resilient import ops
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back the whole 2 MiB pages inside ``t``'s storage with transparent huge pages.
+    Call before the pages are first written (fresh ``torch.empty``), so the kernel faults them in huge:
+    a decode step streams every expert weight once, and 512x fewer TLB entries made it ~4% faster
+    here (benchmarks/RESULTS.md). Returns whether the advice was given; a no-op elsewhere."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu":
+        return False
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    if end <= start:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE) == 0
 
 
 class SlotExperts(nn.Module):
@@ -23,6 +45,8 @@ class SlotExperts(nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.w13 = nn.Parameter(torch.empty(num_slots, 2 * intermediate_size, hidden_size, **kw))
         self.w2 = nn.Parameter(torch.empty(num_slots, hidden_size, intermediate_size, **kw))
+        for w in (self.w13, self.w2):
+            advise_huge_pages(w)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

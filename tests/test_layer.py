@@ -1,5 +1,7 @@
 """ResilientMoE against the plain reference MoE: outputs, gradients, replicas, degraded steps, bad input."""
 
+import sys
+
 import pytest
 import torch
 
@@ -173,3 +175,26 @@ def test_static_placement_matches_and_refuses_edits():
     torch.testing.assert_close(static(x), dynamic(x), rtol=0, atol=0)
     with pytest.raises(PlacementError, match="static_placement"):
         static.add_replica(0, 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_expert_weights_are_backed_by_huge_pages():
+    """Slot weights are advised for transparent huge pages before first touch (a decode step streams
+    them all); where THP is not disabled, the kernel backs them with huge pages."""
+    import os
+
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(thp) or "[never]" in open(thp).read():
+        pytest.skip("transparent huge pages are disabled on this machine")
+    layer = ResilientMoE(MoEConfig(1024, 2048, 4, 2))
+    w = layer.experts.w13
+    start, end = w.data_ptr(), w.data_ptr() + w.numel() * w.element_size()
+    huge_kb, overlaps = 0, False  # advising splits the mapping: count every one the tensor overlaps
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            overlaps = lo < end and start < hi
+        elif overlaps and line.startswith("AnonHugePages:"):
+            huge_kb += int(line.split()[1])
+    assert huge_kb >= 2048, f"w13 ({(end - start) >> 20} MiB) has {huge_kb} kB in huge pages"
