@@ -8,8 +8,8 @@ owns (``slot_rank[s] == rank``; slots must be numbered rank by rank). A step:
     this rank owns -> reverse all-to-all -> weighted combine.
 
 Dead ranks own no live slot, so they are sent nothing. A collective that meets a dead or hung rank
-raises RankFailure (the group has already agreed and moved on); the caller runs ``recover`` and
-re-runs the step. The all-to-alls are differentiable: the backward of a dispatch is the reverse
+raises RankFailure (the group has already agreed and moved on); the caller runs
+``recover_across_ranks`` and re-runs the step. The all-to-alls are differentiable: the backward of a dispatch is the reverse
 all-to-all, so the layer trains under expert parallelism too.
 """
 
@@ -50,12 +50,6 @@ class Loopback:
 
     def all_to_all(self, send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
         return send.clone()  # a fresh tensor, as a real exchange returns: the compiled graphs then match
-
-
-def check_owned_slots(layer: ResilientMoE) -> None:
-    rank_of = layer.placement.slot_rank
-    if bool((rank_of[1:] < rank_of[:-1]).any()):
-        raise ValueError("expert parallelism needs slots numbered rank by rank (slot_rank non-decreasing)")
 
 
 def _plan_dispatch(layer: ResilientMoE, x: torch.Tensor, world_size: int):

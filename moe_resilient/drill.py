@@ -28,6 +28,7 @@ from moe_resilient.dispatch import (Loopback, check_placement_consistent, ep_for
                                     recover_across_ranks)
 from moe_resilient.group import ElasticGroup, FencedError, RankFailure
 from moe_resilient.layer import MoEConfig, ResilientMoE
+from moe_resilient.recovery import compiled_graphs
 from moe_resilient.shadow import ShadowStore, resilient_layers
 
 HIDDEN, INTER, EXPERTS, TOP_K, LAYERS = 64, 128, 8, 2, 2
@@ -79,8 +80,8 @@ def worker(args) -> int:
         log.write(json.dumps(rec) + "\n")
 
     model = DrillModel(int(os.environ["WORLD_SIZE"]), args.slots_per_rank, args.seed).eval()
+    shadow = ShadowStore.open(args.shadow)
     if args.restart:  # baseline: weights from safetensors (then compiled below, as every rank is)
-        shadow = ShadowStore.open(args.shadow)
         for name, layer in resilient_layers(model).items():
             for e in range(layer.config.num_experts):
                 w13, w2 = shadow.read_expert(name, e)
@@ -92,7 +93,6 @@ def worker(args) -> int:
         for layer in model.moe:
             layer.read_load(reset=True)
     group = ElasticGroup.from_env(timeout=args.collective_timeout, heartbeat_timeout=args.heartbeat_timeout).start()
-    shadow = ShadowStore.open(args.shadow)
     step = 0
     if group.joined:  # a replacement: the members run the same readmission after their step boundary
         step, joiners = readmit_across_ranks(model, group, shadow, 0)
@@ -153,11 +153,6 @@ def worker(args) -> int:
     emit(event="done", graphs=compiled_graphs())
     group.finish()
     return 0
-
-
-def compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process so far (a recompile adds one)."""
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) if "torch._dynamo" in sys.modules else 0
 
 
 def worker_args(argv=None):
@@ -287,14 +282,13 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
         echo(f"{'SIGSTOP' if hang else 'SIGKILL'} rank {fail_rank} after step {fail_step}")
         survivors = [r for r in range(nproc) if r != fail_rank]
 
-        def recovered():
-            launcher.poll()  # reaps the dead rank and posts its death notice to the group at once
+        def recovered():  # the launcher's watcher thread has already posted the death notice
             return all(any(x.get("event") == "failure" for x in _read(out, nproc)[r]) for r in survivors)
 
         _wait(recovered, 120, "survivors to recover", echo, status)
         if hang:  # the stale rank wakes up and must find itself fenced
             launcher.kill(fail_rank, signal.SIGCONT)
-        _wait(lambda: launcher.poll() or not launcher.running(), 600, "the ranks to finish", echo, status)
+        _wait(lambda: not launcher.running(), 600, "the ranks to finish", echo, status)
         codes = launcher.wait(60)
         reaped = [t for r, _, t in launcher.exits if r == fail_rank]
     recs = _read(out, nproc)

@@ -18,7 +18,8 @@ Failure detection: a collective that errors (a crashed peer resets its connectio
 out (a hung peer), heartbeats that stop advancing, or a launcher's death notice. Survivors check in
 and propose everyone who neither checked in nor is alive by heartbeat; the first proposal stored
 wins. A rank left out of the decision is fenced: it gets FencedError and never touches the new
-generation's communicator. The old gloo group is abandoned, never destroyed (gloo cannot abort).
+generation's communicator. The old gloo group is shut down a second later on a background thread
+(see ``_retire``), off the recovery pause.
 
 Joins ride the data path: ``exchange_counts`` (the all-to-all of split sizes that every EP step does
 anyway) carries one extra word, the number of join requests each rank has seen, so all members learn

@@ -50,7 +50,8 @@ class RecoveryReport:
                 f"uncovered {lost or 'none'}; recompiles {self.recompiles}")
 
 
-def _compiles() -> int:
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a recompile adds one)."""
     if "torch._dynamo" not in sys.modules:  # nothing compiled yet; importing dynamo costs seconds
         return 0
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
@@ -90,7 +91,7 @@ def recover(
         raise ValueError("recover: the model has no ResilientMoE layer")
     report = RecoveryReport(lost)
     topologies = {n: topology or planner.default_topology(m.placement.world_size) for n, m in layers.items()}
-    compiles_before = _compiles()
+    compiles_before = compiled_graphs()
     plans = {}
     t0 = time.perf_counter()
     for name, layer in layers.items():  # validate and plan everything before touching anything
@@ -159,7 +160,7 @@ def recover(
     if probe is not None:
         with torch.no_grad():
             model(probe)
-    report.recompiles = _compiles() - compiles_before
+    report.recompiles = compiled_graphs() - compiles_before
     report.bytes_by_source = dict(report.bytes_by_source)
     return report
 
