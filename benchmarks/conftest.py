@@ -1,39 +1,49 @@
-"""Shared probes for the benchmarks: this machine's read bandwidth and dense GEMM FLOP/s, run right
-before and after the layers they bound (the machine drifts; a bound measured minutes earlier does not
-hold for the layer timed now; run between the layer's calls, a 256 MiB sweep would slow those calls)."""
+"""Shared measurement for the benchmarks.
+
+``MachineProbes``: this machine's read bandwidth and dense GEMM FLOP/s, run right before and after the
+layers they bound (the machine drifts; a bound measured minutes earlier does not hold for the layer
+timed now; run between the layer's calls, a 256 MiB sweep would slow those calls).
+``paired_ratios``: two callables timed alternately, so machine noise hits both alike.
+"""
+
+import time
 
 import pytest
 import torch
 
 
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def paired_ratios(a, b, x, pairs: int) -> list[float]:
+    """time(a(x)) / time(b(x)) for ``pairs`` pairs, the order inside a pair alternating too."""
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            ta, tb = _seconds(lambda: a(x)), _seconds(lambda: b(x))
+        else:
+            tb, ta = _seconds(lambda: b(x)), _seconds(lambda: a(x))
+        ratios.append(ta / tb)
+    return ratios
+
+
 class MachineProbes:
-    """``read()`` sums 256 MiB (far beyond cache, like expert weights); ``gemm()`` runs a dense GEMM of
-    the shape of a big expert GEMM. Each call records its time; the rates are the best seen (a roofline
-    is a bound, so it takes the machine at its best, not its noisy median)."""
+    """``probe()`` sums 256 MiB (far beyond cache, like expert weights) and runs a dense GEMM of the
+    shape of a big expert GEMM, recording each time; the rates are the best seen since ``reset()``
+    (a roofline is a bound, so it takes the machine at its best, not its noisy median)."""
 
     def __init__(self):
         self.buf = torch.randn(64 * 1024 * 1024)
         self.a, self.b = torch.randn(2048, 1024), torch.randn(4096, 1024)
-        self.read_s, self.gemm_s = [], []
-
-    def read(self):
-        import time
-
-        t0 = time.perf_counter()
-        self.buf.sum()
-        self.read_s.append(time.perf_counter() - t0)
-
-    def gemm(self):
-        import time
-
-        t0 = time.perf_counter()
-        self.a @ self.b.t()
-        self.gemm_s.append(time.perf_counter() - t0)
+        self.reset()
 
     def probe(self, times: int) -> None:
         for _ in range(times):
-            self.read()
-            self.gemm()
+            self.read_s.append(_seconds(self.buf.sum))
+            self.gemm_s.append(_seconds(lambda: self.a @ self.b.t()))
 
     def reset(self):
         self.read_s, self.gemm_s = [], []
@@ -50,3 +60,8 @@ class MachineProbes:
 @pytest.fixture(scope="session")
 def machine():
     return MachineProbes()
+
+
+@pytest.fixture(scope="session")
+def paired():
+    return paired_ratios

@@ -6,7 +6,6 @@ plain, unadvised storage; called alternately, the recorded figure is the median 
 """
 
 import statistics
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ H, I, E, K = 1024, 2048, 8, 2
 
 
 @pytest.mark.parametrize("tokens", [1, 8])
-def test_huge_pages(benchmark, tokens):
+def test_huge_pages(benchmark, paired, tokens):
     torch.manual_seed(0)
     huge = ResilientMoE(MoEConfig(H, I, E, K)).eval()
     plain = ResilientMoE(MoEConfig(H, I, E, K)).eval()
@@ -27,15 +26,8 @@ def test_huge_pages(benchmark, tokens):
         w = getattr(huge.experts, name)
         setattr(plain.experts, name, nn.Parameter(torch.empty(w.shape).copy_(w)))
     x = torch.randn(tokens, H)
-    ratios = []
     with torch.no_grad():
         torch.testing.assert_close(huge(x), plain(x), rtol=0, atol=0)
-        for i in range(120):
-            t = {}
-            for m in ((huge, plain) if i % 2 else (plain, huge)):
-                t0 = time.perf_counter()
-                m(x)
-                t[id(m)] = time.perf_counter() - t0
-            ratios.append(t[id(huge)] / t[id(plain)])
+        ratios = paired(huge, plain, x, 120)
         benchmark.pedantic(huge, args=(x,), rounds=5, warmup_rounds=1)
     benchmark.extra_info.update(tokens=tokens, median_ratio_huge_over_plain=statistics.median(ratios), pairs=120)

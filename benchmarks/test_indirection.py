@@ -7,7 +7,6 @@ The recorded figure is the median of per-pair time ratios.
 """
 
 import statistics
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ H, I, E, K = 1024, 2048, 8, 2
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 64, 512])
-def test_indirection_cost(benchmark, tokens):
+def test_indirection_cost(benchmark, paired, tokens):
     torch.manual_seed(0)
     dynamic = ResilientMoE(MoEConfig(H, I, E, K)).eval()
     fixed = ResilientMoE(MoEConfig(H, I, E, K, static_placement=True)).eval()
@@ -27,16 +26,8 @@ def test_indirection_cost(benchmark, tokens):
     fixed.gate, fixed.experts = dynamic.gate, dynamic.experts
     x = torch.randn(tokens, H)
     pairs = {1: 200, 8: 80, 64: 40, 512: 12}[tokens]
-    ratios = []
     with torch.no_grad():
         torch.testing.assert_close(dynamic(x), fixed(x), rtol=0, atol=0)
-        for i in range(pairs):
-            first, second = (dynamic, fixed) if i % 2 else (fixed, dynamic)  # alternate the order too
-            t = {}
-            for m in (first, second):
-                t0 = time.perf_counter()
-                m(x)
-                t[id(m)] = time.perf_counter() - t0
-            ratios.append(t[id(dynamic)] / t[id(fixed)])
+        ratios = paired(dynamic, fixed, x, pairs)
         benchmark.pedantic(dynamic, args=(x,), rounds=5, warmup_rounds=1)
     benchmark.extra_info.update(tokens=tokens, median_ratio_indirect_over_fixed=statistics.median(ratios), pairs=pairs)
