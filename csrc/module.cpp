@@ -12,11 +12,15 @@ static PyObject* built_with_openmp(PyObject*, PyObject*) {
 #endif
 }
 
+extern PyMethodDef liveness_methods[];  // csrc/cpu/liveness.cpp
+
 static PyMethodDef methods[] = {
     {"built_with_openmp", built_with_openmp, METH_NOARGS, "Whether the kernels were compiled with OpenMP."},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module && PyModule_AddFunctions(module, liveness_methods) != 0) Py_CLEAR(module);
+  return module;
 }

@@ -5,7 +5,7 @@ replacement rejoins. ``--baseline restart`` measures what every other stack does
 Worker protocol (one JSON line per event in ``out_dir/rank{r}.jsonl``):
     {"step", "batch_of", "served_by", "gen", "t0", "t1", "tokens"}      a batch served
         (+ "makeup": true for a lost rank's in-flight batch, re-run with the survivors' next step)
-    {"event": "failure", "step", "lost", "t_detect", "t_recovered", "graphs", "recovery"}
+    {"event": "failure", "step", "lost", "t_detect", "t_recovered", "graphs", "recovery", "cause"}
     {"event": "done", "graphs"}                    graphs: torch.compile graphs built so far
     {"event": "admitted", "ranks", "step", "t"}    {"event": "fenced", "t", "error"}
 """
@@ -87,7 +87,7 @@ def worker(args) -> int:
                 w13, w2 = shadow.read_expert(name, e)
                 for s in layer.placement.slots_of(e):
                     layer.experts.write_slot(s, w13, w2)
-    if args.compile:  # compile before the group forms: a first compile outlasts any collective timeout
+    if args.compile:  # compile before the group forms: peers would otherwise wait out the first compile
         with torch.no_grad():
             model.ep(make_batch(0, rank, args.tokens), Loopback(int(os.environ["WORLD_SIZE"])), compiled=True)
         for layer in model.moe:
@@ -128,7 +128,8 @@ def worker(args) -> int:
                                                      topology=planner.Topology(group.world_size, group.world_size))
                 emit(event="failure", step=step, lost=lost, t_detect=t_detect, t_agreed=t_agreed,
                      t_recovered=time.time(), graphs=graphs, gen=group.generation,
-                     recovery="; ".join(r.summary() for r in reports), uncovered=reports[-1].uncovered)
+                     recovery="; ".join(r.summary() for r in reports), uncovered=reports[-1].uncovered,
+                     cause=str(failure))
                 pending += [(step, r) for r in lost]
                 continue
             except FencedError as exc:
@@ -163,7 +164,7 @@ def worker_args(argv=None):
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--slots-per-rank", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--collective-timeout", type=float, default=1.0)
+    ap.add_argument("--collective-timeout", type=float, default=10.0, help="wait on live but absent peers")
     ap.add_argument("--heartbeat-timeout", type=float, default=1.0)
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--save-outputs", action="store_true")

@@ -14,8 +14,9 @@ agent store, or the ``moe-resilient launch`` process), so any rank, rank 0 inclu
     join/count, join/seq/{i} a replacement asks to be admitted (i-th request names its rank)
     gen/{g}/admitted         join requests admitted up to generation g
 
-Failure detection: a collective that errors (a crashed peer resets its connections at once) or times
-out (a hung peer), heartbeats that stop advancing, or a launcher's death notice. Survivors check in
+Failure detection: a collective that errors (a crashed peer resets its connections at once); while a
+collective waits, a member's heartbeat that stops advancing (a hung peer), a launcher's death notice,
+or a survivor that has already begun agreement. A slow peer whose heartbeat advances is waited for. Survivors check in
 and propose everyone who neither checked in nor is alive by heartbeat; the first proposal stored
 wins. A rank left out of the decision is fenced: it gets FencedError and never touches the new
 generation's communicator. The old gloo group is shut down a second later on a background thread
@@ -36,6 +37,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+from moe_resilient.liveness import LivenessBoard
 
 
 class RankFailure(RuntimeError):
@@ -78,6 +81,11 @@ class ElasticGroup:
 
     ``rank`` is a stable global id in [0, world_size); ``world_size`` is the largest membership, which
     fixes every shape. Collectives run over the current generation's members only.
+
+    ``heartbeat_timeout`` (s): a member whose heartbeat has not advanced for this long is presumed dead
+    or hung. ``timeout`` (s): the longest a collective waits on members that are all alive by
+    heartbeat (a live rank stuck outside the collective). ``agree_timeout`` (s): the longest
+    agreement waits for a survivor to check in.
     """
 
     def __init__(
@@ -87,7 +95,7 @@ class ElasticGroup:
         rank: int,
         world_size: int,
         *,
-        timeout: float = 2.0,
+        timeout: float = 30.0,
         heartbeat_interval: float = 0.05,
         heartbeat_timeout: float = 1.0,
         agree_timeout: float = 5.0,
@@ -97,7 +105,10 @@ class ElasticGroup:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.rank, self.world_size = rank, world_size
         self.timeout, self.heartbeat_interval = timeout, heartbeat_interval
-        self._wait_timeout = _timedelta(timeout)
+        self.poll_interval = min(2 * heartbeat_interval, heartbeat_timeout / 4)
+        # Same-host ranks are probed on the launcher's liveness board (see liveness.py) every slice.
+        self._board = LivenessBoard.from_env()
+        self._slice = _timedelta(0.002 if self._board else self.poll_interval)
         self.heartbeat_timeout, self.agree_timeout = heartbeat_timeout, agree_timeout
         self._host, self._port, self._prefix = host, port, prefix
         self.store = self._connect()
@@ -132,6 +143,8 @@ class ElasticGroup:
     def start(self) -> ElasticGroup:
         """Form generation 0 with every rank, or, if the group already runs, ask to be admitted and
         wait until a generation lists this rank."""
+        if self._board:  # before anything can see this rank as a member
+            self._board.hold(self.rank)
         self.store.set(f"hb/{self.rank}", "0")
         if self.store.check(["gen"]):
             return self._join()
@@ -152,9 +165,9 @@ class ElasticGroup:
         if os.environ.get("MOE_RESILIENT_DEBUG"):
             print(f"[rank {self.rank}] entering generation {g} members {list(members)}", flush=True)
         pg_store = dist.PrefixStore(f"gen/{g}/pg/", self.store)
-        # Connecting gets a generous timeout (a busy host can be slow to accept); every collective
-        # still waits at most ``timeout`` (work.wait), which is what detects a hung peer.
-        pg = dist.ProcessGroupGloo(pg_store, members.index(self.rank), len(members), _timedelta(30))
+        # gloo's own deadline (connecting, and each operation) stays above ours: _wait decides.
+        pg = dist.ProcessGroupGloo(pg_store, members.index(self.rank), len(members),
+                                   _timedelta(max(30.0, 2 * self.timeout)))
         if self._pg is not None:
             _retire(self._pg)
         self._pg = pg
@@ -215,22 +228,62 @@ class ElasticGroup:
 
     # ----------------------------------------------------------------------------------- collectives
     def _run(self, work_fn):
-        """Run one collective; a crash or timeout becomes agreement, a new generation, RankFailure."""
+        """Run one collective; a crash, a hung peer or a peer's failure report becomes agreement, a
+        new generation, RankFailure."""
         if self._pg is None:
             raise RuntimeError("ElasticGroup.start() has not been called")
         try:
             work = work_fn(self._pg)
-            work.wait(self._wait_timeout)
+            self._wait(work)
         except FencedError:
             raise
-        except Exception as exc:  # gloo: "Connection closed by peer" / "Timed out"
+        except Exception as exc:  # gloo: "Connection closed by peer"; _wait: hung peer or a peer's report
             work = None  # the traceback keeps this frame: drop its hold on the old group (see _retire)
             self.last_failure_detect_s = time.monotonic()
             cause = str(exc).splitlines()[0][:160]
-            lost = self._agree()
+            lost = self._agree(getattr(exc, "heartbeats", None))
             if not lost:  # every member is alive: not a membership problem, do not loop on it
                 raise RuntimeError(f"collective failed with every member alive (generation {self.generation}): {cause}")
             raise RankFailure(lost, self.generation, f"cause: {cause}") from None
+
+    def _wait(self, work) -> None:
+        """Wait for a collective in slices; a crashed peer's reset connection ends the wait at once
+        (gloo raises), but only after the kernel has freed its memory. Between slices, which only a
+        slow step reaches, look for a reason to give up: a peer gone from the liveness board (every
+        slice: a local probe), and every ``poll_interval`` the store's view: a survivor already
+        agreeing, a launcher's death notice, a heartbeat stalled for ``heartbeat_timeout``. A peer
+        that is merely slow (its heartbeat advances) is waited for up to ``timeout``: under load a
+        fixed collective deadline would evict live ranks."""
+        start = last_poll = time.monotonic()
+        first = None  # (heartbeats, when read) at the first store poll
+        peers = [r for r in self.members if r != self.rank]
+        while True:
+            try:
+                work.wait(self._slice)
+                return
+            except Exception:
+                if work.is_completed():  # finished as the slice ran out, or failed: its own outcome
+                    work.wait()
+                    return
+            gone = self._board.dead(peers) if self._board else []
+            reason = f"ranks {gone} exited (liveness board)" if gone else None
+            now = time.monotonic()
+            if reason is None and now - last_poll >= self.poll_interval:
+                last_poll = now
+                beats = dict(zip(peers, self.store.multi_get([f"hb/{r}" for r in peers])))
+                first = first or (beats, now)
+                stalled = [r for r in peers if beats[r] == first[0][r]]
+                reason = (
+                    "a survivor reported a failure" if int(self.store.add(f"gen/{self.generation}/checkin_bits", 0))
+                    else "death notice" if any(self.store.check([f"dead/{r}"]) for r in peers)
+                    else f"heartbeat of ranks {stalled} stalled" if stalled and now - first[1] > self.heartbeat_timeout
+                    else f"collective timed out after {self.timeout} s" if now - start > self.timeout
+                    else None
+                )
+            if reason:
+                exc = TimeoutError(f"{reason} (waited {now - start:.3f} s)")
+                exc.heartbeats = first
+                raise exc
 
     # Host work per call is a handful of small tensors and Python lists: on the hot path, advanced
     # indexing on [W] tensors cost more than the wrapper's whole remaining bookkeeping.
@@ -279,23 +332,28 @@ class ElasticGroup:
     # ----------------------------------------------------------------------------------- agreement
     def _alive_by_heartbeat(self, candidates, since: dict) -> set[int]:
         """Members whose heartbeat advanced since ``since`` (a first reading)."""
-        now = dict(zip(candidates, (int(v) for v in self.store.multi_get([f"hb/{r}" for r in candidates]))))
+        now = dict(zip(candidates, self.store.multi_get([f"hb/{r}" for r in candidates])))
         return {r for r in candidates if now[r] != since[r]}
 
-    def _agree(self) -> list[int]:
+    def _agree(self, heartbeats: tuple[dict, float] | None = None) -> list[int]:
         """After a failed collective: check in, wait until each member has checked in or is known
-        dead (launcher notice, or no heartbeat for heartbeat_timeout), propose, adopt the decision."""
+        dead (off the liveness board, a launcher notice, or no heartbeat for heartbeat_timeout),
+        propose, adopt the decision.
+        ``heartbeats``: (readings by rank, monotonic time) taken while waiting, so that a heartbeat
+        already seen stalled is not waited for twice."""
         g, members = self.generation, self.members
         bits = f"gen/{g}/checkin_bits"  # one atomic add per survivor; one read gives everyone's
         self.store.add(bits, 1 << self.rank)
-        first = dict(zip(members, (int(v) for v in self.store.multi_get([f"hb/{r}" for r in members]))))
-        start = time.monotonic()
+        if heartbeats is None:
+            heartbeats = (dict(zip(members, self.store.multi_get([f"hb/{r}" for r in members]))), time.monotonic())
+        (first, since), start = heartbeats, time.monotonic()
         while not self.store.check([f"gen/{g}/decision"]):
             mask = int(self.store.add(bits, 0))
             checked = {r for r in members if mask >> r & 1}
-            undecided = {r for r in set(members) - checked if not self.store.check([f"dead/{r}"])}
+            gone = set(self._board.dead([r for r in members if r != self.rank])) if self._board else set()
+            undecided = {r for r in set(members) - checked - gone if not self.store.check([f"dead/{r}"])}
             waited = time.monotonic() - start
-            if undecided and waited > self.heartbeat_timeout:  # silent since we started: dead or hung
+            if undecided and time.monotonic() - since > self.heartbeat_timeout:  # silent: dead or hung
                 undecided &= self._alive_by_heartbeat(sorted(undecided), first)
             if not undecided or waited > self.agree_timeout:
                 proposal = [r for r in members if r in checked]

@@ -1,6 +1,6 @@
-"""Launcher that survives its workers: hosts the TCPStore, spawns ranks with a torchrun-compatible
-environment, tells the group when a rank exits (``dead/{r}``), never kills survivors, and with
-``respawn`` starts a replacement that rejoins by itself.
+"""Launcher that survives its workers: hosts the TCPStore and the liveness board, spawns ranks with a
+torchrun-compatible environment, tells the group when a rank exits (``dead/{r}``), never kills
+survivors, and with ``respawn`` starts a replacement that rejoins by itself.
 
 torchrun, by contrast, restarts the whole local worker group when a local worker exits non-zero;
 a node that vanishes in a multi-node job does not fail the other nodes' workers, whose ElasticGroup
@@ -19,6 +19,9 @@ import time
 
 import torch.distributed as dist
 
+from moe_resilient.liveness import ENV as LIVENESS_ENV
+from moe_resilient.liveness import LivenessBoard
+
 STORE_PREFIX = "moe_resilient/"
 
 
@@ -34,6 +37,7 @@ class Launcher:
         self.log_dir = log_dir
         self.max_respawns = max_respawns
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(60))
+        self.board = LivenessBoard.create(nproc)  # crash detection within a millisecond (liveness.py)
         self.port = self.store.port
         self.procs: dict[int, subprocess.Popen] = {}
         self.exits: list[tuple[int, int, float]] = []  # (rank, return code, time)
@@ -50,7 +54,7 @@ class Launcher:
         env.update(self.extra_env)
         env.update(MASTER_ADDR=self.host, MASTER_PORT=str(self.port), RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(self.nproc), LOCAL_WORLD_SIZE=str(self.nproc), GROUP_RANK="0",
-                   TORCHELASTIC_USE_AGENT_STORE="True")
+                   TORCHELASTIC_USE_AGENT_STORE="True", **{LIVENESS_ENV: self.board.path})
         return env
 
     def _spawn(self, rank: int) -> None:
@@ -134,6 +138,7 @@ class Launcher:
                 pass
         for f in self._logs:
             f.close()
+        self.board.unlink()
 
     def __enter__(self) -> Launcher:
         return self.start()

@@ -3,6 +3,7 @@ once, a replacement that rejoins; outputs checked against a single-process refer
 
 import datetime
 import glob
+import json
 import os
 import signal
 import sys
@@ -106,7 +107,10 @@ def test_hung_rank_is_fenced_and_survivors_continue(tmp_path, reference):
     fenced = [x for x in _records(out, 1) if x.get("event") == "fenced"]
     assert fenced and "presumed dead" in fenced[0]["error"]
     _check_outputs(out, reference, 12, [0, 2, 3])
-    assert all(x["lost"] == [1] for r in (0, 2, 3) for x in _records(out, r) if x.get("event") == "failure")
+    failures = [x for r in (0, 2, 3) for x in _records(out, r) if x.get("event") == "failure"]
+    assert all(x["lost"] == [1] for x in failures)
+    # detected by its heartbeat, not by a collective deadline (10 s in the drill)
+    assert any("heartbeat of ranks [1] stalled" in x["cause"] for x in failures), [x["cause"] for x in failures]
 
 
 def test_two_ranks_lost_then_replacements_rejoin(tmp_path, roomy_reference):
@@ -153,6 +157,44 @@ def test_rank_lost_during_recovery_is_repaired_too(tmp_path, roomy_reference):
     assert makeups == [(lost_step, 2), (lost_step, 3)]
     _check_outputs(out, reference, 10, [0, 1])
     _check_outputs(out, reference, lost_step + 1, [2, 3])
+
+
+SLOW_PEER = """
+import json, os, sys, time
+import torch
+from moe_resilient.group import ElasticGroup, FencedError
+group = ElasticGroup.from_env(timeout=3.0, heartbeat_timeout=0.5, agree_timeout=1.0).start()
+log = {}
+for late in (2.0, 6.0):  # 4x the heartbeat timeout, then past timeout + agree_timeout
+    if group.rank == 1:
+        time.sleep(late)
+    t = torch.ones(1)
+    try:
+        group.all_reduce(t)
+        log[late] = ["ok", t.item(), group.generation]
+    except Exception as exc:
+        log[late] = [type(exc).__name__, str(exc), group.generation]
+open(os.path.join(sys.argv[1], f"rank{group.rank}.json"), "w").write(json.dumps(log))
+os._exit(0)
+"""
+
+
+def test_slow_peer_is_waited_for_and_a_stuck_one_excluded(tmp_path):
+    """A peer late to a collective but alive by heartbeat is not evicted (under load on a small
+    host, a fixed collective deadline evicted live ranks); one absent past ``timeout`` is, and
+    learns it is fenced when it comes back."""
+    script = tmp_path / "slow_peer.py"
+    script.write_text(SLOW_PEER)
+    with Launcher(2, [sys.executable, str(script), str(tmp_path)], log_dir=str(tmp_path / "logs")) as launcher:
+        codes = launcher.wait(60)
+    assert codes == {0: 0, 1: 0}, codes
+    logs = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert logs[0]["2.0"] == logs[1]["2.0"] == ["ok", 2.0, 0]
+    kind, message, generation = logs[0]["6.0"]
+    assert kind == "RankFailure" and "lost ranks [1]" in message and "collective timed out" in message
+    assert generation == 1
+    kind, message, _ = logs[1]["6.0"]
+    assert kind == "FencedError" and "presumed dead" in message
 
 
 def test_mismatched_placement_across_ranks_is_refused(tmp_path, reference):

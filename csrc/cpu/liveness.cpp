@@ -1,0 +1,136 @@
+// Liveness board: one robust, process-shared pthread mutex per rank in a shared file mapping.
+//
+// Each rank holds its own mutex for as long as it lives. When a thread dies, the kernel walks its
+// robust-futex list at the very start of its exit (mm_release, before the address space is torn
+// down) and hands any mutex it held to the next locker with EOWNERDEAD. Peers on the same host thus
+// see a SIGKILLed rank gone within a millisecond however large it is, whereas its sockets close only
+// once its memory has been freed: 15 ms at 100 MiB, 80 ms at 300 MiB, 380 ms at 3 GiB on this host.
+#include <Python.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <map>
+#include <string>
+
+namespace {
+
+struct Board {
+  pthread_mutex_t* slots;
+  Py_ssize_t size;
+};
+
+std::map<std::string, Board> g_boards;  // mapped once per process and kept: holders need it to the end
+
+PyObject* os_error(const char* what, const char* path, int err) {
+  return PyErr_Format(PyExc_OSError, "liveness board %s: %s (%s)", path, what, strerror(err));
+}
+
+// The board at ``path``, mapped on first use; nullptr with a Python error set on failure.
+Board* board(const char* path) {
+  auto it = g_boards.find(path);
+  if (it != g_boards.end()) return &it->second;
+  int fd = open(path, O_RDWR);
+  if (fd < 0) return (os_error("cannot open", path, errno), nullptr);
+  struct stat st;
+  if (fstat(fd, &st) != 0 || st.st_size <= 0 || st.st_size % sizeof(pthread_mutex_t) != 0) {
+    close(fd);
+    PyErr_Format(PyExc_ValueError, "liveness board %s: not a board (size %lld)", path, (long long)st.st_size);
+    return nullptr;
+  }
+  void* mem = mmap(nullptr, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (mem == MAP_FAILED) return (os_error("cannot map", path, errno), nullptr);
+  Board b{static_cast<pthread_mutex_t*>(mem), static_cast<Py_ssize_t>(st.st_size / sizeof(pthread_mutex_t))};
+  return &(g_boards[path] = b);
+}
+
+pthread_mutex_t* slot(Board* b, const char* path, Py_ssize_t rank) {
+  if (rank < 0 || rank >= b->size) {
+    PyErr_Format(PyExc_ValueError, "liveness board %s has %zd slots; rank %zd is out of range", path, b->size, rank);
+    return nullptr;
+  }
+  return &b->slots[rank];
+}
+
+PyObject* liveness_create(PyObject*, PyObject* args) {
+  const char* path;
+  Py_ssize_t n;
+  if (!PyArg_ParseTuple(args, "sn", &path, &n)) return nullptr;
+  if (n < 1) return PyErr_Format(PyExc_ValueError, "liveness board needs at least one slot, got %zd", n);
+  int fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
+  if (fd < 0) return os_error("cannot create", path, errno);
+  size_t bytes = n * sizeof(pthread_mutex_t);
+  void* mem = ftruncate(fd, bytes) == 0 ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+  int err = errno;
+  close(fd);
+  if (mem == MAP_FAILED) return (unlink(path), os_error("cannot size or map", path, err));
+  pthread_mutexattr_t attr;
+  pthread_mutexattr_init(&attr);
+  pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+  pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);  // a second hold() by the owner is EDEADLK
+  for (Py_ssize_t i = 0; i < n; ++i) pthread_mutex_init(&static_cast<pthread_mutex_t*>(mem)[i], &attr);
+  pthread_mutexattr_destroy(&attr);
+  munmap(mem, bytes);
+  Py_RETURN_NONE;
+}
+
+// Lock ``rank``'s mutex for the calling thread's lifetime (a dead predecessor's one is taken over).
+PyObject* liveness_hold(PyObject*, PyObject* args) {
+  const char* path;
+  Py_ssize_t rank;
+  if (!PyArg_ParseTuple(args, "sn", &path, &rank)) return nullptr;
+  Board* b = board(path);
+  pthread_mutex_t* m = b ? slot(b, path, rank) : nullptr;
+  if (!m) return nullptr;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS;  // a prober may hold it for a moment
+  rc = pthread_mutex_lock(m);
+  if (rc == EOWNERDEAD) rc = pthread_mutex_consistent(m);
+  Py_END_ALLOW_THREADS;
+  if (rc != 0 && rc != EDEADLK) return os_error("cannot hold a slot", path, rc);
+  Py_RETURN_NONE;
+}
+
+// Ranks (of those given) whose mutex nobody holds: exited, or never started.
+PyObject* liveness_dead(PyObject*, PyObject* args) {
+  const char* path;
+  PyObject* ranks;
+  if (!PyArg_ParseTuple(args, "sO", &path, &ranks)) return nullptr;
+  Board* b = board(path);
+  if (!b) return nullptr;
+  PyObject* seq = PySequence_Fast(ranks, "ranks must be a sequence of ints");
+  if (!seq) return nullptr;
+  PyObject* dead = PyList_New(0);
+  for (Py_ssize_t i = 0; dead && i < PySequence_Fast_GET_SIZE(seq); ++i) {
+    PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
+    Py_ssize_t rank = PyNumber_AsSsize_t(item, PyExc_OverflowError);
+    pthread_mutex_t* m = (rank == -1 && PyErr_Occurred()) ? nullptr : slot(b, path, rank);
+    if (!m) {
+      Py_CLEAR(dead);
+      break;
+    }
+    int rc = pthread_mutex_trylock(m);
+    // held: alive (EDEADLK: by this very thread; EBUSY may also be another prober's moment on it,
+    // which then reads as alive until the next probe)
+    if (rc == EBUSY || rc == EDEADLK) continue;
+    if (rc == EOWNERDEAD) pthread_mutex_consistent(m);
+    if (rc == 0 || rc == EOWNERDEAD) pthread_mutex_unlock(m);  // leave it free for the next prober
+    if (PyList_Append(dead, item) != 0) Py_CLEAR(dead);
+  }
+  Py_DECREF(seq);
+  return dead;
+}
+
+}  // namespace
+
+PyMethodDef liveness_methods[] = {
+    {"liveness_create", liveness_create, METH_VARARGS, "liveness_create(path, n): a new board of n free slots."},
+    {"liveness_hold", liveness_hold, METH_VARARGS, "liveness_hold(path, rank): hold a slot until this thread ends."},
+    {"liveness_dead", liveness_dead, METH_VARARGS, "liveness_dead(path, ranks) -> ranks whose slot nobody holds."},
+    {nullptr, nullptr, 0, nullptr}};
