@@ -105,6 +105,23 @@ def test_grouped_swiglu_odd_sizes(rows, dtype):
     torch.testing.assert_close(ops.grouped_swiglu(x, offsets, w13, w2).float(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_swiglu_mixes_kernel_paths_in_one_call(dtype):
+    """Small slots (streaming kernel, activations per run of adjacent small slots) around large ones
+    (BLAS), an empty slot, and unroutable rows past the last offset (zeros)."""
+    h, i = 24, 20
+    sizes = [5, 130, 3, 7, 0, 129, 1]
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    x = torch.randn(int(offsets[-1]) + 2, h, dtype=dtype)
+    w13 = (torch.randn(len(sizes), 2 * i, h) / h**0.5).to(dtype)
+    w2 = (torch.randn(len(sizes), h, i) / i**0.5).to(dtype)
+    want = ops.grouped_swiglu_reference(x.float(), offsets, w13.float(), w2.float())
+    got = ops.grouped_swiglu(x, offsets, w13, w2).float()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert torch.equal(got[-2:], torch.zeros(2, h))
+
+
 @pytest.mark.parametrize("route", [ops.route_to_slots, ops.route_to_slots_reference])
 def test_route_to_slots_strict_raises_on_uncovered_expert(route):
     log2phy, logcnt = _placement()  # expert 3 has no live replica

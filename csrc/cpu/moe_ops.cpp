@@ -115,17 +115,43 @@ void for_each_busy_slot(const std::vector<int64_t>& off, Fn fn) {
     if (off[s + 1] > off[s]) fn(static_cast<int64_t>(s), off[s], off[s + 1] - off[s]);
 }
 
-// One slot's forward through the streaming kernel: x_rows [n, H] -> out [n, H].
+// The slots with at most kSkinnyRows rows through the streaming kernel: x [N, H] grouped by slot ->
+// their rows of out. The activation runs once per run of adjacent such slots (once in all at decode
+// sizes), not once per slot: there, per-slot ATen calls cost as much as streaming a slot's weights.
 template <typename W_t>
-void skinny_swiglu(const at::Tensor& x_rows, const at::Tensor& w13, const at::Tensor& w2, at::Tensor out) {
-  const int64_t n = x_rows.size(0), H = w13.size(1), I = w13.size(0) / 2;
-  const auto xf = x_rows.to(at::kFloat).contiguous();
-  auto h = at::empty({n, 2 * I}, xf.options());
-  skinny_gemm_nt(xf.data_ptr<float>(), n, H, w13.data_ptr<W_t>(), 2 * I, h.data_ptr<float>());
-  const auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I)).contiguous();
-  auto yf = at::empty({n, H}, xf.options());
-  skinny_gemm_nt(act.data_ptr<float>(), n, I, w2.data_ptr<W_t>(), H, yf.data_ptr<float>());
-  out.copy_(yf);
+void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const at::Tensor& w13, const at::Tensor& w2,
+                   at::Tensor& out) {
+  bool any = false;
+  for_each_busy_slot(off, [&](int64_t, int64_t, int64_t n) { any |= n <= kSkinnyRows; });
+  if (!any) return;
+  const int64_t M = off.back(), H = w13.size(2), I = w13.size(1) / 2;
+  const auto xf = x.narrow(0, 0, M).to(at::kFloat).contiguous();
+  auto h = at::empty({M, 2 * I}, xf.options());
+  const bool direct = out.scalar_type() == at::kFloat;  // write straight into out
+  auto yf = direct ? out : at::empty({M, H}, xf.options());
+  std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) rows of adjacent small slots
+  for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
+    if (n > kSkinnyRows) return;
+    skinny_gemm_nt(xf.data_ptr<float>() + a * H, n, H, w13.data_ptr<W_t>() + s * 2 * I * H, 2 * I,
+                   h.data_ptr<float>() + a * 2 * I);
+    if (!runs.empty() && runs.back().second == a)
+      runs.back().second = a + n;
+    else
+      runs.emplace_back(a, a + n);
+  });
+  auto act = at::empty({M, I}, xf.options());
+  for (const auto& [a, b] : runs) {  // act = silu(gate) * up
+    const auto hr = h.narrow(0, a, b - a);
+    auto ar = act.narrow(0, a, b - a);
+    at::silu_out(ar, hr.narrow(1, 0, I)).mul_(hr.narrow(1, I, I));
+  }
+  for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
+    if (n > kSkinnyRows) return;
+    skinny_gemm_nt(act.data_ptr<float>() + a * I, n, I, w2.data_ptr<W_t>() + s * H * I, H, yf.data_ptr<float>() + a * H);
+  });
+  if (!direct) {
+    for (const auto& [a, b] : runs) out.narrow(0, a, b - a).copy_(yf.narrow(0, a, b - a));
+  }
 }
 
 std::vector<int64_t> offsets_vector(const at::Tensor& offsets, int64_t num_rows) {
@@ -150,16 +176,14 @@ at::Tensor grouped_swiglu(const at::Tensor& x_in, const at::Tensor& offsets, con
   const auto off = offsets_vector(offsets, x.size(0));
   auto out = at::empty_like(x);
   if (off.back() < x.size(0)) out.narrow(0, off.back(), x.size(0) - off.back()).zero_();
-  const bool skinny_ok = skinny_gemm_available() && x.device().is_cpu() && w13.is_contiguous() &&
-                         w2.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+  const bool skinny = skinny_gemm_available() && x.device().is_cpu() && w13.is_contiguous() && w2.is_contiguous() &&
+                      (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+  if (skinny && x.scalar_type() == at::kFloat)
+    skinny_swiglu<float>(x, off, w13, w2, out);
+  else if (skinny)
+    skinny_swiglu<c10::BFloat16>(x, off, w13, w2, out);
   for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
-    if (skinny_ok && n <= kSkinnyRows) {
-      if (x.scalar_type() == at::kFloat)
-        skinny_swiglu<float>(x.narrow(0, a, n), w13[s], w2[s], out.narrow(0, a, n));
-      else
-        skinny_swiglu<c10::BFloat16>(x.narrow(0, a, n), w13[s], w2[s], out.narrow(0, a, n));
-      return;
-    }
+    if (skinny && n <= kSkinnyRows) return;  // done above
     const auto h = at::mm(x.narrow(0, a, n), w13[s].t());  // [n, 2I]
     const auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I));
     auto dst = out.narrow(0, a, n);
