@@ -29,7 +29,7 @@ class ExpertPlacement(nn.Module):
       phy2log   [S]     logical expert held by each physical slot, -1 = empty/spare.
       log2phy   [E, R]  live slots of each logical expert, ascending, padded with -1.
       logcnt    [E]     number of live replicas of each logical expert.
-      slot_rank [S]     rank that owns each slot.
+      slot_rank [S]     rank that owns each slot; non-decreasing (slots numbered rank by rank).
       active    [W]     whether each rank is alive.
 
     A slot is *live* when it holds an expert and its rank is active.
@@ -73,6 +73,9 @@ class ExpertPlacement(nn.Module):
             raise PlacementError(f"slot_rank must have shape [{num_slots}], got {list(slot_rank_t.shape)}")
         if slot_rank_t.numel() and (slot_rank_t.min() < 0 or slot_rank_t.max() >= world_size):
             raise PlacementError(f"slot_rank entries must lie in [0, {world_size})")
+        if bool((slot_rank_t[1:] < slot_rank_t[:-1]).any()):  # expert parallelism sends each rank one run
+            raise PlacementError(f"slot_rank must be non-decreasing (slots numbered rank by rank), got "
+                                 f"{slot_rank_t.tolist()}")
         if phy2log is None:  # experts in the first E slots, the rest spare
             phy2log = [s if s < num_experts else -1 for s in range(num_slots)]
 

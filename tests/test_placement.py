@@ -88,6 +88,7 @@ def test_max_replicas_enforced():
         ({"num_experts": 4, "num_slots": 3}, "num_slots"),
         ({"num_experts": 0}, "num_experts"),
         ({"num_experts": 2, "num_slots": 2, "world_size": 2, "slot_rank": [0, 2]}, "slot_rank"),
+        ({"num_experts": 2, "num_slots": 3, "world_size": 2, "slot_rank": [0, 1, 0]}, "non-decreasing"),
     ],
 )
 def test_bad_construction(kwargs, match):
