@@ -1,0 +1,72 @@
+"""How soon a SIGKILLed process is seen dead: through the liveness board (a robust mutex it held) and
+through a socket it held, for processes of growing size. Linux frees a dying process's memory before
+it closes its files; it releases its robust futexes first of all.
+
+    python -m pytest benchmarks/test_detection.py --benchmark-json=benchmarks/results/detection.json
+"""
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from moe_resilient.liveness import LivenessBoard
+
+CHILD = """
+import socket, sys, time
+import torch
+from moe_resilient.liveness import LivenessBoard
+LivenessBoard(sys.argv[1]).hold(0)
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+ballast = torch.ones(int(sys.argv[3]) << 18)  # MiB of touched memory
+conn.sendall(b"r")
+time.sleep(600)
+"""
+
+
+def _one_kill(mib: int) -> tuple[float, float]:
+    """Seconds from SIGKILL to (the board showing the slot free, the socket reading EOF)."""
+    board = LivenessBoard.create(1)
+    server = socket.create_server(("127.0.0.1", 0))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, board.path, str(server.getsockname()[1]), str(mib)])
+    try:
+        server.settimeout(60)
+        conn, _ = server.accept()
+        conn.settimeout(60)
+        assert conn.recv(1) == b"r"
+        seen = {}
+
+        def watch_socket():
+            conn.recv(1)  # b"" once the peer's socket is closed
+            seen["socket"] = time.perf_counter()
+
+        watcher = threading.Thread(target=watch_socket)
+        watcher.start()
+        t0 = time.perf_counter()
+        os.kill(child.pid, signal.SIGKILL)
+        while not board.dead([0]):
+            if time.perf_counter() - t0 > 30:
+                raise TimeoutError("the board never showed the killed process dead")
+        seen["board"] = time.perf_counter()
+        watcher.join(60)
+        return seen["board"] - t0, seen["socket"] - t0
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        server.close()
+        board.unlink()
+
+
+@pytest.mark.parametrize("mib", [100, 300, 1000, 3000])
+def test_crash_detection(benchmark, mib):
+    samples = benchmark.pedantic(lambda: [_one_kill(mib) for _ in range(5)], rounds=1, iterations=1)
+    board = statistics.median(b for b, _ in samples)
+    sock = statistics.median(s for _, s in samples)
+    benchmark.extra_info.update(mib=mib, board_ms=board * 1e3, socket_ms=sock * 1e3, kills=len(samples))
+    print(f"\n{mib} MiB: board {board * 1e3:.2f} ms, socket {sock * 1e3:.1f} ms (median of {len(samples)} kills)")
