@@ -14,12 +14,13 @@ agent store, or the ``moe-resilient launch`` process), so any rank, rank 0 inclu
     join/count, join/seq/{i} a replacement asks to be admitted (i-th request names its rank)
     gen/{g}/admitted         join requests admitted up to generation g
 
-Failure detection: a collective that errors (a crashed peer resets its connections at once); while a
-collective waits, a member's heartbeat that stops advancing (a hung peer), a launcher's death notice,
-or a survivor that has already begun agreement. A slow peer whose heartbeat advances is waited for. Survivors check in
-and propose everyone who neither checked in nor is alive by heartbeat; the first proposal stored
-wins. A rank left out of the decision is fenced: it gets FencedError and never touches the new
-generation's communicator. The old gloo group is shut down a second later on a background thread
+Failure detection: a collective that errors (a crashed peer's connections reset, once the kernel has
+freed its memory); while a collective waits, a peer gone from the launcher's liveness board (at once,
+see liveness.py), a member's heartbeat that stops advancing (a hung peer), a launcher's death notice,
+or a survivor that has already begun agreement. A slow peer whose heartbeat advances is waited for.
+Survivors check in and propose everyone who neither checked in nor is alive by heartbeat; the first
+proposal stored wins. A rank left out of the decision is fenced: it gets FencedError and never
+touches the new generation's communicator. The old gloo group is shut down a second later on a background thread
 (see ``_retire``), off the recovery pause.
 
 Joins ride the data path: ``exchange_counts`` (the all-to-all of split sizes that every EP step does

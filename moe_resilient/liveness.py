@@ -42,7 +42,7 @@ class LivenessBoard:
         _C.liveness_hold(self.path, rank)
 
     def dead(self, ranks) -> list[int]:
-        """Those of ``ranks`` whose slot nobody holds (exited, or not started): ~100 ns per rank."""
+        """Those of ``ranks`` whose slot nobody holds (exited, or not started); reads only."""
         return _C.liveness_dead(self.path, list(ranks))
 
     def unlink(self) -> None:

@@ -8,6 +8,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -97,7 +98,10 @@ PyObject* liveness_hold(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// Ranks (of those given) whose mutex nobody holds: exited, or never started.
+// Ranks (of those given) whose mutex nobody holds: exited, or never started. Reads the futex word
+// instead of trying the lock: a robust mutex keeps its owner's thread id there (the kernel clears it,
+// setting FUTEX_OWNER_DIED, when the owner dies), and a read cannot be mistaken for an owner by
+// another prober, as a trylock preempted before its unlock would be.
 PyObject* liveness_dead(PyObject*, PyObject* args) {
   const char* path;
   PyObject* ranks;
@@ -115,12 +119,8 @@ PyObject* liveness_dead(PyObject*, PyObject* args) {
       Py_CLEAR(dead);
       break;
     }
-    int rc = pthread_mutex_trylock(m);
-    // held: alive (EDEADLK: by this very thread; EBUSY may also be another prober's moment on it,
-    // which then reads as alive until the next probe)
-    if (rc == EBUSY || rc == EDEADLK) continue;
-    if (rc == EOWNERDEAD) pthread_mutex_consistent(m);
-    if (rc == 0 || rc == EOWNERDEAD) pthread_mutex_unlock(m);  // leave it free for the next prober
+    const unsigned word = __atomic_load_n(reinterpret_cast<unsigned*>(&m->__data.__lock), __ATOMIC_ACQUIRE);
+    if ((word & FUTEX_TID_MASK) != 0) continue;  // an owner's thread id: alive
     if (PyList_Append(dead, item) != 0) Py_CLEAR(dead);
   }
   Py_DECREF(seq);
