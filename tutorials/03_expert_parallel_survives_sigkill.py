@@ -64,6 +64,7 @@ def serve(shadow_dir: str) -> None:
                         y = ep_forward(layer, x, group, compiled=True)
                         break
                     except RankFailure as failure:  # every survivor repairs alike, then they compare
+                        print(f"rank {rank}, step {step}: {failure}", flush=True)  # names how it was seen
                         _, reports = recover_across_ranks(layer, failure.lost_ranks, group, shadow=shadow,
                                                           topology=planner.Topology(W, W))
                         print(f"rank {rank}, step {step}: {reports[-1].summary()}", flush=True)
