@@ -130,40 +130,59 @@ class PlacementMismatchError(RuntimeError):
     """Ranks disagree on a layer's placement: routing would send tokens to the wrong slots."""
 
 
-def check_placement_consistent(layers: dict[str, ResilientMoE], group: ElasticGroup) -> None:
-    """Compare every layer's placement across ranks (min and max of a checksum, one all-reduce)."""
+# Checksums stay below 2**26, so sums of their squares over any group are exact in float64.
+_CHECKSUM_PRIME = 67_108_859
+
+
+def _placement_checksums(layers: dict[str, ResilientMoE]) -> list[int]:
+    """One polynomial hash per layer of its phy2log and active tensors."""
     sums = []
     for layer in layers.values():
-        p = layer.placement
-        weights = torch.arange(1, p.num_slots + 1, dtype=torch.long)
-        sums.append(int(((p.phy2log + 2) * weights).sum()) * 1_000_003 + int(p.active.long().sum()))
-    local = torch.tensor(sums, dtype=torch.long)
-    extremes = group.all_reduce(torch.cat([local, -local]), op="max")  # [max, -min] per layer
-    n = len(sums)
-    bad = [name for i, name in enumerate(layers) if int(extremes[i]) != -int(extremes[n + i])]
+        h = 0
+        for v in layer.placement.phy2log.tolist() + layer.placement.active.long().tolist():
+            h = (h * 1_000_003 + v + 2) % _CHECKSUM_PRIME
+        sums.append(h)
+    return sums
+
+
+def _all_reduce_checked(layers: dict[str, ResilientMoE], group: ElasticGroup, payload: torch.Tensor) -> torch.Tensor:
+    """Sum ``payload`` (float64 [P]) over the members and compare every layer's placement in the same
+    all-reduce: the members agree iff the sums of c and of c**2 are n*c and n*c**2 for this rank's
+    checksum c (their variance is then zero), which every rank sees alike. Returns the summed payload."""
+    sums = _placement_checksums(layers)
+    terms = torch.tensor(sums + [c * c for c in sums], dtype=torch.float64)
+    total = group.all_reduce(torch.cat([payload.double(), terms]))
+    n, k, p = len(group.members), len(sums), payload.numel()
+    bad = [name for i, name in enumerate(layers)
+           if total[p + i] != n * sums[i] or total[p + k + i] != n * sums[i] ** 2]
     if bad:
         raise PlacementMismatchError(f"ranks disagree on the placement of layers {bad}")
+    return total[:p]
+
+
+def check_placement_consistent(layers: dict[str, ResilientMoE], group: ElasticGroup) -> None:
+    """Compare every layer's placement across ranks (one all-reduce of checksums)."""
+    _all_reduce_checked(layers, group, torch.zeros(0))
 
 
 def recover_across_ranks(model: nn.Module, lost_ranks, group: ElasticGroup,
-                         **recover_kwargs) -> tuple[list[int], list[RecoveryReport]]:
-    """After a RankFailure under expert parallelism, on every survivor: sum the layers' load counters
-    over the survivors (one all-reduce, so the plan is load-aware and alike on every rank), ``recover``
-    (this rank writes only the slots it owns), then check that all hold the same placement. A rank lost
-    meanwhile makes a collective raise: repair for it in turn, until the check passes. Returns every
-    rank lost on the way and one report per repair."""
+                         **recover_kwargs) -> tuple[list[int], RecoveryReport]:
+    """After a RankFailure under expert parallelism, on every survivor: one all-reduce sums the
+    layers' load counters over the survivors (so the plan is load-aware and alike on every rank) and
+    checks that all start from the same placement; then ``recover`` (this rank writes only the slots
+    it owns). recover is deterministic in its inputs, so equal inputs give equal placements, and no
+    second collective is needed. A rank lost before the all-reduce completes makes it raise: repair
+    for it too. One lost later is met by the next step. Returns every rank lost on the way and the
+    report."""
     layers = resilient_layers(model)
-    lost, pending, reports = sorted(lost_ranks), sorted(lost_ranks), []
+    lost = sorted(lost_ranks)
     while True:
         try:
-            counts = group.all_reduce(torch.cat([layer.expert_load for layer in layers.values()]))
+            local = torch.cat([layer.expert_load for layer in layers.values()])
+            counts = _all_reduce_checked(layers, group, local).long()
             load = dict(zip(layers, counts.split([layer.config.num_experts for layer in layers.values()])))
-            reports.append(recover(model, pending, local_rank=group.rank, load=load, **recover_kwargs))
-            pending = []
-            check_placement_consistent(layers, group)
-            return lost, reports
+            return lost, recover(model, lost, local_rank=group.rank, load=load, **recover_kwargs)
         except RankFailure as again:
-            pending = sorted(set(pending) | set(again.lost_ranks))
             lost = sorted(set(lost) | set(again.lost_ranks))
 
 

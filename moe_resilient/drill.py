@@ -124,11 +124,11 @@ def worker(args) -> int:
                 t_detect = t_agreed - (time.monotonic() - group.last_failure_detect_s)
                 if args.die_during_recovery == rank:  # test: a second rank lost while the first is repaired
                     os.kill(os.getpid(), signal.SIGKILL)
-                lost, reports = recover_across_ranks(model, failure.lost_ranks, group, shadow=shadow,
+                lost, report = recover_across_ranks(model, failure.lost_ranks, group, shadow=shadow,
                                                      topology=planner.Topology(group.world_size, group.world_size))
                 emit(event="failure", step=step, lost=lost, t_detect=t_detect, t_agreed=t_agreed,
                      t_recovered=time.time(), graphs=graphs, gen=group.generation,
-                     recovery="; ".join(r.summary() for r in reports), uncovered=reports[-1].uncovered,
+                     recovery=report.summary(), uncovered=report.uncovered,
                      cause=str(failure))
                 pending += [(step, r) for r in lost]
                 continue

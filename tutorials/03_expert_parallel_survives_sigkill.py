@@ -65,9 +65,9 @@ def serve(shadow_dir: str) -> None:
                         break
                     except RankFailure as failure:  # every survivor repairs alike, then they compare
                         print(f"rank {rank}, step {step}: {failure}", flush=True)  # names how it was seen
-                        _, reports = recover_across_ranks(layer, failure.lost_ranks, group, shadow=shadow,
+                        _, report = recover_across_ranks(layer, failure.lost_ranks, group, shadow=shadow,
                                                           topology=planner.Topology(W, W))
-                        print(f"rank {rank}, step {step}: {reports[-1].summary()}", flush=True)
+                        print(f"rank {rank}, step {step}: {report.summary()}", flush=True)
                 torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
                 open(os.path.join(shadow_dir, f"served{rank}"), "w").write(str(step + 1))
                 step += 1
