@@ -38,3 +38,24 @@ def test_drill_writes_json_and_plot(tmp_path):
     assert 0 < result["detection_latency_s"] < result["pause_s"]
     assert result["compiled"] and result["recompiles"] == 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_launcher_environment(monkeypatch):
+    """torchrun-compatible variables, the liveness board, and defaults a user's environment overrides."""
+    from moe_resilient.launch import Launcher
+    from moe_resilient.liveness import ENV
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    launcher = Launcher(2, [sys.executable, "-c", "pass"], env={"OMP_NUM_THREADS": "2"})
+    try:
+        env = launcher.env_for(1)
+        assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("1", "2", str(launcher.port))
+        assert env[ENV] == launcher.board.path and os.path.exists(launcher.board.path)
+        assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"  # a killed rank's teardown is shorter
+        assert env["OMP_NUM_THREADS"] == "2"
+        monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+        assert launcher.env_for(0)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+    finally:
+        launcher.close()
+    assert not os.path.exists(launcher.board.path)
