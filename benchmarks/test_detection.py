@@ -30,11 +30,12 @@ time.sleep(600)
 """
 
 
-def _one_kill(mib: int) -> tuple[float, float]:
+def _one_kill(mib: int, env: dict | None = None) -> tuple[float, float]:
     """Seconds from SIGKILL to (the board showing the slot free, the socket reading EOF)."""
     board = LivenessBoard.create(1)
     server = socket.create_server(("127.0.0.1", 0))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, board.path, str(server.getsockname()[1]), str(mib)])
+    child = subprocess.Popen([sys.executable, "-c", CHILD, board.path, str(server.getsockname()[1]), str(mib)],
+                             env={**os.environ, **(env or {})})
     try:
         server.settimeout(60)
         conn, _ = server.accept()
@@ -70,3 +71,14 @@ def test_crash_detection(benchmark, mib):
     sock = statistics.median(s for _, s in samples)
     benchmark.extra_info.update(mib=mib, board_ms=board * 1e3, socket_ms=sock * 1e3, kills=len(samples))
     print(f"\n{mib} MiB: board {board * 1e3:.2f} ms, socket {sock * 1e3:.1f} ms (median of {len(samples)} kills)")
+
+
+@pytest.mark.parametrize("tunables", ["glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=1"])
+def test_teardown_with_huge_pages(benchmark, tunables):
+    """The socket closes when the teardown ends: malloc's memory in transparent huge pages (the
+    launcher's default for its ranks) frees faster."""
+    samples = benchmark.pedantic(lambda: [_one_kill(1000, {"GLIBC_TUNABLES": tunables}) for _ in range(5)],
+                                 rounds=1, iterations=1)
+    sock = statistics.median(s for _, s in samples)
+    benchmark.extra_info.update(tunables=tunables, mib=1000, socket_ms=sock * 1e3, kills=len(samples))
+    print(f"\n{tunables}: socket {sock * 1e3:.1f} ms (median of {len(samples)} kills, +1000 MiB)")
