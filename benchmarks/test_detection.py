@@ -64,21 +64,26 @@ def _one_kill(mib: int, env: dict | None = None) -> tuple[float, float]:
         board.unlink()
 
 
+KILLS = 5
+
+
+def _median_kills(benchmark, mib: int, env: dict | None = None) -> tuple[float, float]:
+    """Median milliseconds from SIGKILL to (the board, the socket) over KILLS kills."""
+    samples = benchmark.pedantic(lambda: [_one_kill(mib, env) for _ in range(KILLS)], rounds=1, iterations=1)
+    return tuple(statistics.median(x[i] for x in samples) * 1e3 for i in (0, 1))
+
+
 @pytest.mark.parametrize("mib", [100, 300, 1000, 3000])
 def test_crash_detection(benchmark, mib):
-    samples = benchmark.pedantic(lambda: [_one_kill(mib) for _ in range(5)], rounds=1, iterations=1)
-    board = statistics.median(b for b, _ in samples)
-    sock = statistics.median(s for _, s in samples)
-    benchmark.extra_info.update(mib=mib, board_ms=board * 1e3, socket_ms=sock * 1e3, kills=len(samples))
-    print(f"\n{mib} MiB: board {board * 1e3:.2f} ms, socket {sock * 1e3:.1f} ms (median of {len(samples)} kills)")
+    board, sock = _median_kills(benchmark, mib)
+    benchmark.extra_info.update(mib=mib, board_ms=board, socket_ms=sock, kills=KILLS)
+    print(f"\n{mib} MiB: board {board:.2f} ms, socket {sock:.1f} ms (median of {KILLS} kills)")
 
 
 @pytest.mark.parametrize("tunables", ["glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=1"])
 def test_teardown_with_huge_pages(benchmark, tunables):
     """The socket closes when the teardown ends: malloc's memory in transparent huge pages (the
     launcher's default for its ranks) frees faster."""
-    samples = benchmark.pedantic(lambda: [_one_kill(1000, {"GLIBC_TUNABLES": tunables}) for _ in range(5)],
-                                 rounds=1, iterations=1)
-    sock = statistics.median(s for _, s in samples)
-    benchmark.extra_info.update(tunables=tunables, mib=1000, socket_ms=sock * 1e3, kills=len(samples))
-    print(f"\n{tunables}: socket {sock * 1e3:.1f} ms (median of {len(samples)} kills, +1000 MiB)")
+    _, sock = _median_kills(benchmark, 1000, {"GLIBC_TUNABLES": tunables})
+    benchmark.extra_info.update(tunables=tunables, mib=1000, socket_ms=sock, kills=KILLS)
+    print(f"\n{tunables}: socket {sock:.1f} ms (median of {KILLS} kills, +1000 MiB)")

@@ -9,8 +9,8 @@ owns (``slot_rank[s] == rank``; slots must be numbered rank by rank). A step:
 
 Dead ranks own no live slot, so they are sent nothing. A collective that meets a dead or hung rank
 raises RankFailure (the group has already agreed and moved on); the caller runs
-``recover_across_ranks`` and re-runs the step. The all-to-alls are differentiable: the backward of a dispatch is the reverse
-all-to-all, so the layer trains under expert parallelism too.
+``recover_across_ranks`` and re-runs the step. The all-to-alls are differentiable: the backward of a
+dispatch is the reverse all-to-all, so the layer trains under expert parallelism too.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class _AllToAll(torch.autograd.Function):
 class Loopback:
     """A stand-in group of one for ``ep_forward``: every row "sent" comes straight back, so the local
     slots compute every expert. For compiling the stages before a real group exists (a first compile
-    takes seconds, longer than any collective timeout) and for running them without peers."""
+    takes seconds, which every peer would otherwise spend waiting) and for running them without peers."""
 
     def __init__(self, world_size: int):
         self.world_size = world_size

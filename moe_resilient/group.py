@@ -20,8 +20,8 @@ see liveness.py), a member's heartbeat that stops advancing (a hung peer), a lau
 or a survivor that has already begun agreement. A slow peer whose heartbeat advances is waited for.
 Survivors check in and propose everyone who neither checked in nor is alive by heartbeat; the first
 proposal stored wins. A rank left out of the decision is fenced: it gets FencedError and never
-touches the new generation's communicator. The old gloo group is shut down a second later on a background thread
-(see ``_retire``), off the recovery pause.
+touches the new generation's communicator. The old gloo group is shut down a second later on a
+background thread (see ``_retire``), off the recovery pause.
 
 Joins ride the data path: ``exchange_counts`` (the all-to-all of split sizes that every EP step does
 anyway) carries one extra word, the number of join requests each rank has seen, so all members learn
@@ -271,7 +271,7 @@ class ElasticGroup:
             now = time.monotonic()
             if reason is None and now - last_poll >= self.poll_interval:
                 last_poll = now
-                beats = dict(zip(peers, self.store.multi_get([f"hb/{r}" for r in peers])))
+                beats = self._heartbeats(peers)
                 first = first or (beats, now)
                 stalled = [r for r in peers if beats[r] == first[0][r]]
                 reason = (
@@ -331,9 +331,13 @@ class ElasticGroup:
         self.all_reduce(torch.zeros(1))
 
     # ----------------------------------------------------------------------------------- agreement
+    def _heartbeats(self, ranks) -> dict[int, bytes]:
+        """Each rank's heartbeat counter as the store holds it now (one round trip)."""
+        return dict(zip(ranks, self.store.multi_get([f"hb/{r}" for r in ranks])))
+
     def _alive_by_heartbeat(self, candidates, since: dict) -> set[int]:
         """Members whose heartbeat advanced since ``since`` (a first reading)."""
-        now = dict(zip(candidates, self.store.multi_get([f"hb/{r}" for r in candidates])))
+        now = self._heartbeats(candidates)
         return {r for r in candidates if now[r] != since[r]}
 
     def _agree(self, heartbeats: tuple[dict, float] | None = None) -> list[int]:
@@ -346,7 +350,7 @@ class ElasticGroup:
         bits = f"gen/{g}/checkin_bits"  # one atomic add per survivor; one read gives everyone's
         self.store.add(bits, 1 << self.rank)
         if heartbeats is None:
-            heartbeats = (dict(zip(members, self.store.multi_get([f"hb/{r}" for r in members]))), time.monotonic())
+            heartbeats = (self._heartbeats(members), time.monotonic())
         (first, since), start = heartbeats, time.monotonic()
         while not self.store.check([f"gen/{g}/decision"]):
             mask = int(self.store.add(bits, 0))

@@ -10,6 +10,7 @@
 
 #include "skinny_gemm.h"
 
+#include <array>
 #include <optional>
 #include <vector>
 
@@ -126,34 +127,33 @@ void for_each_busy_slot(const std::vector<int64_t>& off, Fn fn) {
 template <typename W_t>
 void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const at::Tensor& w13, const at::Tensor& w2,
                    at::Tensor& out) {
-  bool any = false;
-  for_each_busy_slot(off, [&](int64_t, int64_t, int64_t n) { any |= n <= kSkinnyRows; });
-  if (!any) return;
+  std::vector<std::array<int64_t, 3>> small;  // (slot, first row, rows)
+  for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
+    if (n <= kSkinnyRows) small.push_back({s, a, n});
+  });
+  if (small.empty()) return;
   const int64_t M = off.back(), H = w13.size(2), I = w13.size(1) / 2;
   const auto xf = x.narrow(0, 0, M).to(at::kFloat).contiguous();
   auto h = at::empty({M, 2 * I}, xf.options());
   const bool direct = out.scalar_type() == at::kFloat;  // write straight into out
   auto yf = direct ? out : at::empty({M, H}, xf.options());
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) rows of adjacent small slots
-  for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
-    if (n > kSkinnyRows) return;
+  for (const auto& [s, a, n] : small) {
     skinny_gemm_nt(xf.data_ptr<float>() + a * H, n, H, w13.data_ptr<W_t>() + s * 2 * I * H, 2 * I,
                    h.data_ptr<float>() + a * 2 * I);
     if (!runs.empty() && runs.back().second == a)
       runs.back().second = a + n;
     else
       runs.emplace_back(a, a + n);
-  });
+  }
   auto act = at::empty({M, I}, xf.options());
   for (const auto& [a, b] : runs) {  // act = silu(gate) * up
     const auto hr = h.narrow(0, a, b - a);
     auto ar = act.narrow(0, a, b - a);
     at::silu_out(ar, hr.narrow(1, 0, I)).mul_(hr.narrow(1, I, I));
   }
-  for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
-    if (n > kSkinnyRows) return;
+  for (const auto& [s, a, n] : small)
     skinny_gemm_nt(act.data_ptr<float>() + a * I, n, I, w2.data_ptr<W_t>() + s * H * I, H, yf.data_ptr<float>() + a * H);
-  });
   if (!direct) {
     for (const auto& [a, b] : runs) out.narrow(0, a, b - a).copy_(yf.narrow(0, a, b - a));
   }
@@ -190,18 +190,16 @@ at::Tensor grouped_swiglu(const at::Tensor& x_in, const at::Tensor& offsets, con
   // Without bf16 arithmetic in the CPU, BLAS multiplies bf16 matrices ~6x slower than it converts
   // them and multiplies in fp32 (one slot, 512 rows: 310 ms against 50 ms here).
   const bool widen = x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && !cpu_has_bf16_arithmetic();
+  const auto compute = [&](const at::Tensor& t) { return widen ? t.to(at::kFloat) : t; };
   for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
     if (skinny && n <= kSkinnyRows) return;  // done above
-    auto dst = out.narrow(0, a, n);
-    if (widen) {
-      const auto h = at::mm(x.narrow(0, a, n).to(at::kFloat), w13[s].to(at::kFloat).t());  // [n, 2I]
-      const auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I));
-      dst.copy_(at::mm(act, w2[s].to(at::kFloat).t()));
-      return;
-    }
-    const auto h = at::mm(x.narrow(0, a, n), w13[s].t());  // [n, 2I]
+    const auto h = at::mm(compute(x.narrow(0, a, n)), compute(w13[s]).t());  // [n, 2I]
     const auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I));
-    at::mm_out(dst, act, w2[s].t());
+    auto dst = out.narrow(0, a, n);
+    if (widen)
+      dst.copy_(at::mm(act, compute(w2[s]).t()));
+    else
+      at::mm_out(dst, act, w2[s].t());
   });
   return out;
 }
