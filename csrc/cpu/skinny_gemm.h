@@ -2,7 +2,7 @@
 //
 // BLAS packs W before a GEMM, which for small M costs as much as the GEMM itself: per expert slot it
 // measured 2-4x slower than this kernel at 4-16 rows and still ~1.2x at 128 (benchmarks/RESULTS.md).
-// Both cores stream disjoint weight rows; a 4x3 register tile reuses each weight vector across rows.
+// Both cores stream disjoint weight rows; a register tile (up to 4x3) reuses each weight vector across rows.
 // AVX2+FMA only (checked at run time); callers fall back to at::mm when it is unavailable.
 #pragma once
 
