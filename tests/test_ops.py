@@ -92,11 +92,13 @@ def test_grouped_swiglu_bad_input():
         ops.grouped_swiglu(torch.randn(3, H), torch.tensor([0, 2, 1, 3, 3, 3, 3]), w13, w2)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 16, 17, 128, 129])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 128, 129])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_swiglu_odd_sizes(rows, dtype):
-    """Hidden/intermediate sizes that are not multiples of the SIMD width, on both kernel paths."""
-    h, i, s = 13, 11, 3
+@pytest.mark.parametrize("h, i", [(13, 11), (45, 43)])
+def test_grouped_swiglu_odd_sizes(rows, dtype, h, i):
+    """Sizes that are not multiples of the SIMD width (45 = 32 + 8 + 5: every loop of the row kernel and
+    its tails), on every kernel shape (1-3, 4-7 and 8+ rows) and on BLAS (129)."""
+    s = 3
     offsets = torch.tensor([0, rows, rows, 2 * rows])
     x = torch.randn(2 * rows, h, dtype=dtype)
     w13, w2 = (torch.randn(s, 2 * i, h) / h**0.5).to(dtype), (torch.randn(s, h, i) / i**0.5).to(dtype)
