@@ -32,18 +32,20 @@ def paired_ratios(a, b, x, pairs: int) -> list[float]:
 
 class MachineProbes:
     """``probe()`` sums 256 MiB (far beyond cache, like expert weights) and runs a dense GEMM of the
-    shape of a big expert GEMM, recording each time; the rates are the best seen since ``reset()``
-    (a roofline is a bound, so it takes the machine at its best, not its noisy median)."""
+    shape of a big expert GEMM in the layer's dtype (a CPU with bf16 arithmetic multiplies bf16 about
+    twice as fast as fp32), recording each time; the rates are the best seen since ``reset()`` (a
+    roofline is a bound, so it takes the machine at its best, not its noisy median)."""
 
     def __init__(self):
         self.buf = torch.randn(64 * 1024 * 1024)
         self.a, self.b = torch.randn(2048, 1024), torch.randn(4096, 1024)
         self.reset()
 
-    def probe(self, times: int) -> None:
+    def probe(self, times: int, dtype=torch.float32) -> None:
+        a, b = self.a.to(dtype), self.b.to(dtype)
         for _ in range(times):
             self.read_s.append(_seconds(self.buf.sum))
-            self.gemm_s.append(_seconds(lambda: self.a @ self.b.t()))
+            self.gemm_s.append(_seconds(lambda: a @ b.t()))
 
     def reset(self):
         self.read_s, self.gemm_s = [], []

@@ -93,9 +93,9 @@ def test_forward(benchmark, machine, tokens, dtype):
         for impl in times:
             fns[impl](x)  # warm up (and compile)
         machine.reset()
-        machine.probe(3)  # the roofline's probes bracket the rounds: the bound of this very window
+        machine.probe(3, dtype)  # the roofline's probes bracket the rounds: the bound of this very window
         benchmark.pedantic(one_round, rounds=ROUNDS[tokens], warmup_rounds=1)
-        machine.probe(3)
+        machine.probe(3, dtype)
     roofline, touched = _roofline(machine, tokens, x, dtype)
     benchmark.extra_info.update(
         tokens=tokens, dtype=str(dtype)[6:], roofline_s=roofline, experts_touched=touched,
