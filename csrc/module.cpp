@@ -14,8 +14,29 @@ static PyObject* built_with_openmp(PyObject*, PyObject*) {
 
 extern PyMethodDef liveness_methods[];  // csrc/cpu/liveness.cpp
 
+namespace moe_resilient {  // csrc/cpu/skinny_gemm.h
+bool skinny_gemm_avx512_enabled();
+bool skinny_gemm_allow_avx512(bool allowed);
+}  // namespace moe_resilient
+
+// The streaming kernel's AVX-512 tiles run only on CPUs with AVX-512; tests switch them off to run the
+// AVX2 tiles on such CPUs too.
+static PyObject* skinny_avx512_enabled(PyObject*, PyObject*) {
+  return PyBool_FromLong(moe_resilient::skinny_gemm_avx512_enabled());
+}
+
+static PyObject* allow_skinny_avx512(PyObject*, PyObject* arg) {
+  const int allowed = PyObject_IsTrue(arg);
+  if (allowed < 0) return nullptr;
+  return PyBool_FromLong(moe_resilient::skinny_gemm_allow_avx512(allowed != 0));
+}
+
 static PyMethodDef methods[] = {
     {"built_with_openmp", built_with_openmp, METH_NOARGS, "Whether the kernels were compiled with OpenMP."},
+    {"skinny_avx512_enabled", skinny_avx512_enabled, METH_NOARGS,
+     "Whether the streaming kernel uses AVX-512 tiles (the CPU has AVX-512 and they are allowed)."},
+    {"allow_skinny_avx512", allow_skinny_avx512, METH_O,
+     "allow_skinny_avx512(allowed) -> the previous setting. Off: AVX2 tiles even where AVX-512 exists."},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {

@@ -5,9 +5,20 @@ import sys
 import pytest
 import torch
 
-from moe_resilient import ops
+from moe_resilient import _C, ops
 
 S, E, H, I = 6, 4, 16, 24
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def tiles(request):
+    """The streaming kernel's 8+ row tiles: AVX-512 where the CPU has it, and AVX2 (switched to on such
+    a CPU, the only ones elsewhere)."""
+    if request.param == "avx512" and not _C.skinny_avx512_enabled():
+        pytest.skip("this CPU has no AVX-512: its tiles cannot run here")
+    previous = _C.allow_skinny_avx512(request.param == "avx512")
+    yield request.param
+    _C.allow_skinny_avx512(previous)
 
 
 def _placement():
@@ -95,9 +106,9 @@ def test_grouped_swiglu_bad_input():
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 128, 129])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h, i", [(13, 11), (45, 43)])
-def test_grouped_swiglu_odd_sizes(rows, dtype, h, i):
+def test_grouped_swiglu_odd_sizes(rows, dtype, h, i, tiles):
     """Sizes that are not multiples of the SIMD width (45 = 32 + 8 + 5: every loop of the row kernel and
-    its tails), on every kernel shape (1-3, 4-7 and 8+ rows) and on BLAS (129)."""
+    its tails), on every kernel shape (1-3, 4-7 and 8+ rows, AVX2 and AVX-512 tiles) and on BLAS (129)."""
     s = 3
     offsets = torch.tensor([0, rows, rows, 2 * rows])
     x = torch.randn(2 * rows, h, dtype=dtype)
@@ -108,7 +119,7 @@ def test_grouped_swiglu_odd_sizes(rows, dtype, h, i):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_swiglu_mixes_kernel_paths_in_one_call(dtype):
+def test_grouped_swiglu_mixes_kernel_paths_in_one_call(dtype, tiles):
     """Small slots (streaming kernel, activations per run of adjacent small slots) around large ones
     (BLAS), an empty slot, and unroutable rows past the last offset (zeros)."""
     h, i = 24, 20

@@ -3,7 +3,7 @@
 // BLAS packs W before a GEMM, which for small M costs as much as the GEMM itself: per expert slot it
 // measured 2-4x slower than this kernel at 4-16 rows and still ~1.2x at 128 (benchmarks/RESULTS.md).
 // Both cores stream disjoint weight rows; a register tile (up to 4x3) reuses each weight vector across rows.
-// AVX2+FMA only (checked at run time); callers fall back to at::mm when it is unavailable.
+// AVX2+FMA (checked at run time; callers fall back to at::mm without it), AVX-512 tiles where the CPU has it.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -13,6 +13,11 @@
 namespace moe_resilient {
 
 bool skinny_gemm_available();
+
+// Whether 8+ row tiles use AVX-512 (the CPU has it and it is allowed); allow_avx512 returns the previous
+// setting, so tests can run the AVX2 tiles on a CPU that has AVX-512 too.
+bool skinny_gemm_avx512_enabled();
+bool skinny_gemm_allow_avx512(bool allowed);
 
 // x [M, K] float, W [N, K] row-major (float or bfloat16), y [M, N] float. Parallel over N.
 void skinny_gemm_nt(const float* x, int64_t M, int64_t K, const float* W, int64_t N, float* y);
