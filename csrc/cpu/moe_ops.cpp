@@ -11,6 +11,7 @@
 #include "skinny_gemm.h"
 
 #include <array>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
@@ -112,11 +113,18 @@ bool cpu_has_bf16_arithmetic() {
   return ok;
 }
 
+// From this many rows, bf16 slots use the kernel's bf16 dot products where the CPU has them (Zen 4,
+// weights from memory: 1.1-1.3x the speed of widening at 3-7 rows, 1.7x at 16); at 1-2 rows the slot
+// is bandwidth-bound and widening x streams the weights faster (one weight row at a time).
+constexpr int64_t kBf16DotRows = 3;
+
 // Slots with at most this many rows use the streaming kernel (skinny_gemm.h); larger ones use BLAS.
-// The kernel multiplies in fp32, so on a CPU with bf16 arithmetic BLAS wins for bf16 from ~16 rows
-// (1.7x the speed at 64 rows, 2.5x at 128 on a Zen 4); elsewhere the kernel wins up to ~128 rows.
+// Where bf16 arithmetic exists but the kernel cannot use it (AMX without AVX512_BF16, or AVX-512 switched
+// off), BLAS wins for bf16 from ~16 rows (1.7x the speed at 64 rows, 2.5x at 128 on a Zen 4); elsewhere
+// the kernel wins up to ~128 rows.
 int64_t skinny_max_rows(at::ScalarType dtype) {
-  return dtype == at::kBFloat16 && cpu_has_bf16_arithmetic() ? 12 : 128;
+  const bool blas_bf16_faster = dtype == at::kBFloat16 && cpu_has_bf16_arithmetic() && !skinny_gemm_bf16_available();
+  return blas_bf16_faster ? 12 : 128;
 }
 
 template <typename Fn>
@@ -128,6 +136,8 @@ void for_each_busy_slot(const std::vector<int64_t>& off, Fn fn) {
 // The slots with at most skinny_max_rows rows through the streaming kernel: x [N, H] grouped by slot ->
 // their rows of out. The activation runs once per run of adjacent such slots (once in all at decode
 // sizes), not once per slot: there, per-slot ATen calls cost as much as streaming a slot's weights.
+// bf16 slots of kBf16DotRows+ rows multiply bf16 x by bf16 weights where the CPU can (their activation
+// is rounded to bf16 for the second product, as on the BLAS path); the others widen x to fp32.
 template <typename W_t>
 void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const at::Tensor& w13, const at::Tensor& w2,
                    at::Tensor& out) {
@@ -137,15 +147,29 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
     if (n <= max_rows) small.push_back({s, a, n});
   });
   if (small.empty()) return;
+  constexpr bool bf16 = std::is_same_v<W_t, c10::BFloat16>;
+  const bool dot_bf16 = bf16 && skinny_gemm_bf16_available();
+  const auto bf16_dots = [&](int64_t n) { return dot_bf16 && n >= kBf16DotRows; };
   const int64_t M = off.back(), H = w13.size(2), I = w13.size(1) / 2;
   const auto xf = x.narrow(0, 0, M).to(at::kFloat).contiguous();
   auto h = at::empty({M, 2 * I}, xf.options());
   const bool direct = out.scalar_type() == at::kFloat;  // write straight into out
   auto yf = direct ? out : at::empty({M, H}, xf.options());
+  // y [n, N] fp32 = rows [n, K] (fp32 or bf16) @ slot weights [N, K]^T
+  const auto product = [&](int64_t n, const float* rows_f, const void* rows_b, int64_t K, const W_t* W, int64_t N,
+                           float* y) {
+    if constexpr (bf16) {
+      if (bf16_dots(n)) return skinny_gemm_bf16(static_cast<const c10::BFloat16*>(rows_b), n, K, W, N, y);
+    }
+    skinny_gemm_nt(rows_f, n, K, W, N, y);
+  };
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) rows of adjacent small slots
+  bool any_bf16_dots = false;
   for (const auto& [s, a, n] : small) {
-    skinny_gemm_nt(xf.data_ptr<float>() + a * H, n, H, w13.data_ptr<W_t>() + s * 2 * I * H, 2 * I,
-                   h.data_ptr<float>() + a * 2 * I);
+    const void* xb = bf16 ? static_cast<const void*>(x.data_ptr<W_t>() + a * H) : nullptr;
+    product(n, xf.data_ptr<float>() + a * H, xb, H, w13.data_ptr<W_t>() + s * 2 * I * H, 2 * I,
+            h.data_ptr<float>() + a * 2 * I);
+    any_bf16_dots = any_bf16_dots || bf16_dots(n);
     if (!runs.empty() && runs.back().second == a)
       runs.back().second = a + n;
     else
@@ -157,8 +181,11 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
     auto ar = act.narrow(0, a, b - a);
     at::silu_out(ar, hr.narrow(1, 0, I)).mul_(hr.narrow(1, I, I));
   }
-  for (const auto& [s, a, n] : small)
-    skinny_gemm_nt(act.data_ptr<float>() + a * I, n, I, w2.data_ptr<W_t>() + s * H * I, H, yf.data_ptr<float>() + a * H);
+  const auto act_b = any_bf16_dots ? act.to(at::kBFloat16) : at::Tensor();
+  for (const auto& [s, a, n] : small) {
+    const void* ab = bf16_dots(n) ? static_cast<const void*>(act_b.data_ptr<c10::BFloat16>() + a * I) : nullptr;
+    product(n, act.data_ptr<float>() + a * I, ab, I, w2.data_ptr<W_t>() + s * H * I, H, yf.data_ptr<float>() + a * H);
+  }
   if (!direct) {
     for (const auto& [a, b] : runs) out.narrow(0, a, b - a).copy_(yf.narrow(0, a, b - a));
   }

@@ -13,6 +13,9 @@ void skinny_tiles_avx512(const float* x, int64_t M, int64_t K, const float* W, i
                          int64_t t1);
 void skinny_tiles_avx512(const float* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t t0,
                          int64_t t1);
+// Same file, bf16 x and W with AVX512_BF16; tiles of 6 weight rows.
+void skinny_tiles_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t t0,
+                         int64_t t1);
 
 }  // namespace moe_resilient
 
@@ -96,6 +99,11 @@ bool cpu_has_avx512() {
   return ok;
 }
 
+bool cpu_has_avx512_bf16() {
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
 // Shapes chosen by measuring on weights streamed from memory (rows of 1024-2048 fp32 or bf16):
 // - 1-3 rows: one weight row at a time, a single sequential stream per core. Register tiles over
 //   several weight rows read short interleaved streams, which the hardware prefetcher follows worse:
@@ -132,6 +140,18 @@ bool skinny_gemm_available() {
 bool skinny_gemm_avx512_enabled() { return cpu_has_avx512() && avx512_allowed.load(std::memory_order_relaxed); }
 
 bool skinny_gemm_allow_avx512(bool allowed) { return avx512_allowed.exchange(allowed); }
+
+bool skinny_gemm_bf16_available() {
+  return cpu_has_avx512_bf16() && avx512_allowed.load(std::memory_order_relaxed);
+}
+
+void skinny_gemm_bf16(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* W, int64_t N, float* y) {
+  TORCH_CHECK(skinny_gemm_bf16_available(), "skinny_gemm_bf16: this CPU has no AVX512_BF16 (or it is switched off)");
+  constexpr int64_t nr = 6;
+  at::parallel_for(0, (N + nr - 1) / nr, 8, [&](int64_t t0, int64_t t1) {
+    skinny_tiles_bf16dp(bits(x), M, K, bits(W), N, y, t0, t1);
+  });
+}
 
 void skinny_gemm_nt(const float* x, int64_t M, int64_t K, const float* W, int64_t N, float* y) {
   skinny(x, M, K, W, N, y);
