@@ -190,9 +190,15 @@ class ResilientMoE(nn.Module):
             )
         x = hidden_states.reshape(-1, c.hidden_size)  # [T, H]
         router_logits, topk_weights, topk_ids, slot_ids, order, offsets = self.route(x)
-        y_rows = self.experts(x[order // topk_ids.shape[1]], offsets)  # [T*K, H], rows grouped by slot
-        y = torch.empty_like(y_rows).index_copy_(0, order, y_rows)  # back to (token, k) order
-        out = self.add_shared_expert(x, combine(topk_weights, slot_ids, y))
+        if torch.is_grad_enabled():
+            y_rows = self.experts(x[order // topk_ids.shape[1]], offsets)  # [T*K, H], rows grouped by slot
+            y = torch.empty_like(y_rows).index_copy_(0, order, y_rows)  # back to (token, k) order
+            routed = combine(topk_weights, slot_ids, y)
+        else:  # the same in one op: at decode sizes the calls it replaces cost a fifth of the step
+            routed = ops.grouped_swiglu_combine(
+                x, order, offsets, slot_ids, topk_weights, self.experts.w13, self.experts.w2
+            )
+        out = self.add_shared_expert(x, routed)
         out = out.reshape(hidden_states.shape)
         return (out, router_logits) if self.return_router_logits else out
 

@@ -33,6 +33,16 @@ def grouped_swiglu(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2
     return _ops.grouped_swiglu(x, offsets, w13, w2)
 
 
+def grouped_swiglu_combine(
+    x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
+    w13: torch.Tensor, w2: torch.Tensor,
+) -> torch.Tensor:
+    """Inference only (no autograd): x [T, H] and route_to_slots' (order, offsets, slot_ids [T, K]) with
+    topk_weights [T, K] float32 -> [T, H], the same as gathering x's rows, grouped_swiglu, restoring
+    (token, k) order and ``layer.combine``, in one call."""
+    return _ops.grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2)
+
+
 @torch.library.register_fake("moe_resilient::route_to_slots")
 def _route_to_slots_fake(topk_ids, log2phy, logcnt, num_slots, strict=False):
     n = topk_ids.shape[0] * topk_ids.shape[1]
@@ -46,6 +56,12 @@ def _route_to_slots_fake(topk_ids, log2phy, logcnt, num_slots, strict=False):
 @torch.library.register_fake("moe_resilient::grouped_swiglu")
 def _grouped_swiglu_fake(x, offsets, w13, w2):
     torch._check(x.shape[1] == w13.shape[2], lambda: "grouped_swiglu: hidden size mismatch")
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("moe_resilient::grouped_swiglu_combine")
+def _grouped_swiglu_combine_fake(x, order, offsets, slot_ids, topk_weights, w13, w2):
+    torch._check(x.shape[1] == w13.shape[2], lambda: "grouped_swiglu_combine: hidden size mismatch")
     return torch.empty_like(x)
 
 

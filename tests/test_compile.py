@@ -21,7 +21,8 @@ def compiled():
     layer.add_replica(0, 8)
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(24, H)
-    compiled(x)  # the only two compiles: inference input, and an input that wants its gradient
+    with torch.no_grad():  # the only two compiles: inference (the fused expert op), and training
+        compiled(x)
     compiled(x.clone().requires_grad_())
     yield layer, compiled, x
     torch._dynamo.reset()
@@ -44,7 +45,7 @@ def test_placement_changes_never_recompile(compiled):
         lambda: layer.placement.mark_dead(2, allow_uncovered=True),  # rank 2 (slots 8..11) dies; 3 uncovered
         lambda: layer.load_expert(3, 3, w13[3], w2[3]),  # coverage restored on a survivor from a copy
     ]
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         for edit in edits:
             edit()
             torch.testing.assert_close(cm(x), layer(x), rtol=1e-6, atol=1e-6)
@@ -57,7 +58,7 @@ def test_degraded_step_compiled(compiled):
     layer, cm, x = compiled
     layer.placement.remap([0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, -1])
     layer.placement.mark_alive(2)
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         layer.placement.clear(6, allow_uncovered=True)
         out = cm(x)
         torch.testing.assert_close(out, layer(x), rtol=1e-6, atol=1e-6)

@@ -11,6 +11,16 @@ from reference import logical_weights, reference_moe
 H, I, E = 32, 48, 8
 
 
+@pytest.fixture(params=["training", "inference"])
+def run(request):
+    """layer(x) with autograd on (experts, unsort and combine as separate ops), or off (no_grad: the
+    fused grouped_swiglu_combine op)."""
+    def forward(layer, x):
+        with torch.set_grad_enabled(request.param == "training"):
+            return layer(x)
+    return forward
+
+
 def _layer(top_k=2, slots=E, dtype=torch.float32, **kw):
     layer = ResilientMoE(MoEConfig(H, I, E, top_k, num_slots=slots, **kw), dtype=dtype)
     for e, s in zip(range(slots - E), range(E, slots)):  # fill spare slots with replicas
@@ -21,17 +31,17 @@ def _layer(top_k=2, slots=E, dtype=torch.float32, **kw):
 @pytest.mark.parametrize("top_k", [1, 2, 8])
 @pytest.mark.parametrize("slots", [E, E + 5])
 @pytest.mark.parametrize("shape", [(1, H), (7, H), (3, 50, H)])
-def test_matches_reference_fp32(top_k, slots, shape):
+def test_matches_reference_fp32(top_k, slots, shape, run):
     layer = _layer(top_k, slots)
     x = torch.randn(shape)
-    torch.testing.assert_close(layer(x), reference_moe(layer, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(layer, x), reference_moe(layer, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 8])
-def test_matches_reference_bf16(top_k):
+def test_matches_reference_bf16(top_k, run):
     layer = _layer(top_k, E + 3, dtype=torch.bfloat16)
     x = torch.randn(4, 33, H, dtype=torch.bfloat16)
-    out = layer(x)
+    out = run(layer, x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, reference_moe(layer, x), rtol=2e-2, atol=2e-2)
 
@@ -44,12 +54,12 @@ def test_matches_reference_bf16(top_k):
         {"norm_topk_prob": False},
     ],
 )
-def test_routing_variants_match_reference(kw):
+def test_routing_variants_match_reference(kw, run):
     layer = _layer(2, E + 2, **kw)
     if layer.gate.e_score_correction_bias is not None:
         layer.gate.e_score_correction_bias.normal_()
     x = torch.randn(20, H)
-    torch.testing.assert_close(layer(x), reference_moe(layer, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(layer, x), reference_moe(layer, x), rtol=1e-5, atol=1e-5)
 
 
 def test_every_replica_is_used_and_gives_the_same_answer():
@@ -104,19 +114,23 @@ def test_replicas_stay_identical_under_adamw():
 def test_empty_batch_and_batch_of_one(shape):
     layer = _layer(2, E + 2, shared_intermediate_size=16)
     x = torch.randn(shape, requires_grad=True)
+    with torch.no_grad():
+        inferred = layer(x)
+    assert inferred.shape == x.shape and not inferred.isnan().any()
     out = layer(x)
     assert out.shape == x.shape and not out.isnan().any()
     out.sum().backward()
     assert not x.grad.isnan().any() and not layer.experts.w13.grad.isnan().any()
     torch.testing.assert_close(out, reference_moe(layer, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inferred, out.detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_degraded_step_renormalizes_and_never_uses_dead_slots():
+def test_degraded_step_renormalizes_and_never_uses_dead_slots(run):
     layer = _layer(2, E)
     x = torch.randn(30, H)
     layer.placement.clear(3, allow_uncovered=True)
     layer.experts.w13.data[3] = float("nan")  # a dead slot must not be read
-    out = layer(x)
+    out = run(layer, x)
     assert not out.isnan().any()
     # reference: expert 3 dropped, remaining top-k weights rescaled to the original mass
     _, w, ids = layer.gate(x)

@@ -93,6 +93,43 @@ def test_opcheck():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, top_k", [(1, 1), (1, 2), (9, 2), (40, 3)])
+def test_grouped_swiglu_combine_equals_its_parts(dtype, tokens, top_k):
+    """The fused inference op against gather -> grouped_swiglu -> (token, k) order -> layer.combine,
+    with expert 3 unroutable (its pairs get weight 0, the rest rescaled)."""
+    from moe_resilient.layer import combine
+
+    log2phy, logcnt = _placement()
+    torch.manual_seed(tokens * 10 + top_k)
+    x = torch.randn(tokens, H, dtype=dtype)
+    ids = torch.stack([torch.randperm(E)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k)
+    slot_ids, order, offsets = ops.route_to_slots(ids, log2phy, logcnt, S)
+    w13, w2 = (torch.randn(S, 2 * I, H) / H**0.5).to(dtype), (torch.randn(S, H, I) / I**0.5).to(dtype)
+    y_rows = ops.grouped_swiglu(x[order // top_k], offsets, w13, w2)
+    want = combine(weights, slot_ids, torch.empty_like(y_rows).index_copy_(0, order, y_rows))
+    got = ops.grouped_swiglu_combine(x, order, offsets, slot_ids, weights, w13, w2)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_grouped_swiglu_combine_opcheck_and_bad_input():
+    log2phy, logcnt = _placement()
+    ids = torch.randint(0, E, (5, 2))
+    slot_ids, order, offsets = ops.route_to_slots(ids, log2phy, logcnt, S)
+    args = (torch.randn(5, H), order, offsets, slot_ids, torch.rand(5, 2), torch.randn(S, 2 * I, H), torch.randn(S, H, I))
+    torch.library.opcheck(torch.ops.moe_resilient.grouped_swiglu_combine, args)
+    with pytest.raises(RuntimeError, match="topk_weights must be float32"):
+        ops.grouped_swiglu_combine(*args[:4], args[4].double(), *args[5:])
+    with pytest.raises(RuntimeError, match=r"order must be int64 \[T\*K\]"):
+        ops.grouped_swiglu_combine(args[0], order[:-1], *args[2:])
+    for bad in (order + 100, torch.zeros_like(order)):  # out of range; not a permutation
+        with pytest.raises(RuntimeError, match="not a permutation"):
+            ops.grouped_swiglu_combine(args[0], bad, *args[2:])
+
+
 def test_grouped_swiglu_bad_input():
     w13, w2 = torch.randn(S, 2 * I, H), torch.randn(S, H, I)
     with pytest.raises(RuntimeError, match="hidden size"):
