@@ -113,6 +113,18 @@ class TopKRouter(nn.Module):
             logits = F.linear(x.to(c.router_dtype), self.weight.to(c.router_dtype))
         else:
             logits = F.linear(x, self.weight)
+        plain_softmax = c.scoring == "softmax" and c.num_groups == 1 and self.e_score_correction_bias is None
+        if plain_softmax and not torch.is_grad_enabled() and logits.device.type == "cpu":
+            topk_weights, topk_ids = ops.softmax_topk(logits, c.top_k, c.norm_topk_prob)  # five calls in one
+        else:
+            topk_weights, topk_ids = self._select(logits)
+        if c.routed_scaling_factor != 1.0:
+            topk_weights = topk_weights * c.routed_scaling_factor
+        return logits, topk_weights, topk_ids
+
+    def _select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [T, E] -> (topk_weights [T, K] float32, topk_ids [T, K]), before routed scaling."""
+        c = self.config
         if c.scoring == "softmax":
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
         else:
@@ -129,9 +141,7 @@ class TopKRouter(nn.Module):
         topk_weights = scores.gather(1, topk_ids)
         if c.norm_topk_prob:
             topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
-        if c.routed_scaling_factor != 1.0:
-            topk_weights = topk_weights * c.routed_scaling_factor
-        return logits, topk_weights, topk_ids
+        return topk_weights, topk_ids
 
 
 class ResilientMoE(nn.Module):

@@ -28,6 +28,12 @@ def route_to_slots(
     return _ops.route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict)
 
 
+def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference only (no autograd): logits [T, E] -> (topk_weights [T, k] float32, topk_ids [T, k]),
+    the softmax router's top-k (highest first), weights renormalized to sum 1 when ``normalize``."""
+    return _ops.softmax_topk(logits, k, normalize)
+
+
 def grouped_swiglu(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """x [N, H] grouped by slot, offsets [S+1], w13 [S, 2I, H], w2 [S, H, I] -> [N, H]."""
     return _ops.grouped_swiglu(x, offsets, w13, w2)
@@ -41,6 +47,12 @@ def grouped_swiglu_combine(
     topk_weights [T, K] float32 -> [T, H], the same as gathering x's rows, grouped_swiglu, restoring
     (token, k) order and ``layer.combine``, in one call."""
     return _ops.grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2)
+
+
+@torch.library.register_fake("moe_resilient::softmax_topk")
+def _softmax_topk_fake(logits, k, normalize):
+    t = logits.shape[0]
+    return logits.new_empty((t, k), dtype=torch.float32), logits.new_empty((t, k), dtype=torch.long)
 
 
 @torch.library.register_fake("moe_resilient::route_to_slots")

@@ -130,6 +130,31 @@ def test_grouped_swiglu_combine_opcheck_and_bad_input():
             ops.grouped_swiglu_combine(args[0], bad, *args[2:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_softmax_topk_matches_its_parts(dtype, k, normalize):
+    logits = torch.randn(37, 8).to(dtype)
+    logits[0] = 0.25  # all tied: lower expert ids first
+    scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = ops.softmax_topk(logits, k, normalize)
+    want_values, want_ids = scores.topk(k, dim=-1)
+    assert torch.equal(ids[1:], want_ids[1:]) and ids[0].tolist() == list(range(k))
+    want = want_values / (want_values.sum(-1, keepdim=True) + 1e-20) if normalize else want_values
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights, want, rtol=1e-6, atol=1e-7)
+
+
+def test_softmax_topk_opcheck_and_bad_input():
+    torch.library.opcheck(torch.ops.moe_resilient.softmax_topk, (torch.randn(5, 8), 2, True))
+    torch.library.opcheck(torch.ops.moe_resilient.softmax_topk, (torch.randn(0, 8), 2, False))
+    for k in (0, 9):
+        with pytest.raises(RuntimeError, match=r"k = -?\d+ outside \[1, 8\]"):
+            ops.softmax_topk(torch.randn(5, 8), k, True)
+    with pytest.raises(RuntimeError, match=r"logits must be \[T, E\]"):
+        ops.softmax_topk(torch.randn(8), 2, True)
+
+
 def test_grouped_swiglu_bad_input():
     w13, w2 = torch.randn(S, 2 * I, H), torch.randn(S, H, I)
     with pytest.raises(RuntimeError, match="hidden size"):

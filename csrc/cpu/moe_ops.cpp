@@ -1,5 +1,6 @@
 // CPU kernels on the MoE hot path, registered as `torch.ops.moe_resilient.*`.
 //
+// softmax_topk:    inference only: the softmax router's scores, top-k and weights in one call.
 // route_to_slots:  replica choice + counting sort of the (token, k) pairs by physical slot, one pass.
 // grouped_swiglu:  SwiGLU experts over rows already grouped by slot (forward and backward).
 // grouped_swiglu_combine: inference only: gather, grouped_swiglu and the weighted top-k sum in one call.
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <type_traits>
 #include <optional>
 #include <vector>
@@ -94,6 +96,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
     order_p[cursor[s < 0 ? num_slots : s]++] = i;
   }
   return {slot_ids, order, offsets};
+}
+
+// Inference router, softmax scoring: logits [T, E] (any float dtype) -> (topk_weights [T, K] float32,
+// topk_ids [T, K] int64), highest score first (ties: lower expert id). Scores are softmax(logits) in
+// fp32; with `normalize` the K weights are divided by their sum (+1e-20). Replaces softmax, topk, gather,
+// sum and divide: at decode sizes each ATen call costs about as much as the whole routing.
+std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits_in, int64_t k, bool normalize) {
+  TORCH_CHECK(logits_in.dim() == 2, "softmax_topk: logits must be [T, E], got ", logits_in.sizes());
+  const int64_t T = logits_in.size(0), E = logits_in.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "softmax_topk: k = ", k, " outside [1, ", E, "]");
+  const auto logits = logits_in.to(at::kFloat).contiguous();
+  auto weights = at::empty({T, k}, logits.options());
+  auto ids = at::empty({T, k}, logits.options().dtype(at::kLong));
+  const float* l_p = logits.data_ptr<float>();
+  float* w_p = weights.data_ptr<float>();
+  int64_t* id_p = ids.data_ptr<int64_t>();
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(E);
+    std::vector<int64_t> idx(E);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* l = l_p + t * E;
+      const float top = *std::max_element(l, l + E);
+      float total = 0;
+      for (int64_t e = 0; e < E; ++e) total += (p[e] = std::exp(l[e] - top));
+      for (int64_t e = 0; e < E; ++e) idx[e] = e;
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                        [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+      float chosen = 0;
+      for (int64_t j = 0; j < k; ++j) chosen += (w_p[t * k + j] = p[idx[j]] / total);
+      const float scale = normalize ? 1.f / (chosen + 1e-20f) : 1.f;
+      for (int64_t j = 0; j < k; ++j) {
+        w_p[t * k + j] *= scale;
+        id_p[t * k + j] = idx[j];
+      }
+    }
+  });
+  return {weights, ids};
 }
 
 namespace {
@@ -334,6 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward(
 
 TORCH_LIBRARY(moe_resilient, m) {
   m.def("route_to_slots(Tensor topk_ids, Tensor? log2phy, Tensor? logcnt, int num_slots, bool strict=False) -> (Tensor, Tensor, Tensor)");
+  m.def("softmax_topk(Tensor logits, int k, bool normalize) -> (Tensor, Tensor)");
   m.def("grouped_swiglu(Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> Tensor");
   m.def("grouped_swiglu_combine(Tensor x, Tensor order, Tensor offsets, Tensor slot_ids, Tensor topk_weights, Tensor w13, Tensor w2) -> Tensor");
   m.def("grouped_swiglu_backward(Tensor grad_out, Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> (Tensor, Tensor, Tensor)");
@@ -341,6 +381,7 @@ TORCH_LIBRARY(moe_resilient, m) {
 
 TORCH_LIBRARY_IMPL(moe_resilient, CPU, m) {
   m.impl("route_to_slots", &route_to_slots);
+  m.impl("softmax_topk", &softmax_topk);
   m.impl("grouped_swiglu", &grouped_swiglu);
   m.impl("grouped_swiglu_combine", &grouped_swiglu_combine);
   m.impl("grouped_swiglu_backward", &grouped_swiglu_backward);
