@@ -109,14 +109,15 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
         x = x.reshape(-1, c.hidden_size)
-        if c.router_dtype is not None:
-            logits = F.linear(x.to(c.router_dtype), self.weight.to(c.router_dtype))
-        else:
-            logits = F.linear(x, self.weight)
         plain_softmax = c.scoring == "softmax" and c.num_groups == 1 and self.e_score_correction_bias is None
-        if plain_softmax and not torch.is_grad_enabled() and logits.device.type == "cpu":
-            topk_weights, topk_ids = ops.softmax_topk(logits, c.top_k, c.norm_topk_prob)  # five calls in one
+        if plain_softmax and c.router_dtype in (None, x.dtype) and not torch.is_grad_enabled() and x.is_cpu:
+            # serving: one op for what takes six below
+            logits, topk_weights, topk_ids = ops.router_topk(x, self.weight, c.top_k, c.norm_topk_prob)
         else:
+            if c.router_dtype is not None:
+                logits = F.linear(x.to(c.router_dtype), self.weight.to(c.router_dtype))
+            else:
+                logits = F.linear(x, self.weight)
             topk_weights, topk_ids = self._select(logits)
         if c.routed_scaling_factor != 1.0:
             topk_weights = topk_weights * c.routed_scaling_factor

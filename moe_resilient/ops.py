@@ -28,10 +28,13 @@ def route_to_slots(
     return _ops.route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict)
 
 
-def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference only (no autograd): logits [T, E] -> (topk_weights [T, k] float32, topk_ids [T, k]),
-    the softmax router's top-k (highest first), weights renormalized to sum 1 when ``normalize``."""
-    return _ops.softmax_topk(logits, k, normalize)
+def router_topk(
+    x: torch.Tensor, weight: torch.Tensor, k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inference only (no autograd): x [T, H], gate weight [E, H] -> (router_logits [T, E] in x's dtype,
+    topk_weights [T, k] float32, topk_ids [T, k]): the softmax router, highest score first, weights
+    renormalized to sum 1 when ``normalize``."""
+    return _ops.router_topk(x, weight, k, normalize)
 
 
 def grouped_swiglu(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -49,10 +52,10 @@ def grouped_swiglu_combine(
     return _ops.grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2)
 
 
-@torch.library.register_fake("moe_resilient::softmax_topk")
-def _softmax_topk_fake(logits, k, normalize):
-    t = logits.shape[0]
-    return logits.new_empty((t, k), dtype=torch.float32), logits.new_empty((t, k), dtype=torch.long)
+@torch.library.register_fake("moe_resilient::router_topk")
+def _router_topk_fake(x, weight, k, normalize):
+    t, e = x.shape[0], weight.shape[0]
+    return x.new_empty((t, e)), x.new_empty((t, k), dtype=torch.float32), x.new_empty((t, k), dtype=torch.long)
 
 
 @torch.library.register_fake("moe_resilient::route_to_slots")

@@ -133,26 +133,35 @@ def test_grouped_swiglu_combine_opcheck_and_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 2, 8])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_softmax_topk_matches_its_parts(dtype, k, normalize):
-    logits = torch.randn(37, 8).to(dtype)
-    logits[0] = 0.25  # all tied: lower expert ids first
-    scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    weights, ids = ops.softmax_topk(logits, k, normalize)
-    want_values, want_ids = scores.topk(k, dim=-1)
-    assert torch.equal(ids[1:], want_ids[1:]) and ids[0].tolist() == list(range(k))
+@pytest.mark.parametrize("tokens", [37, 70])  # the streaming kernel's logits; BLAS's (over 64 tokens)
+def test_router_topk_matches_its_parts(dtype, k, normalize, tokens):
+    x, weight = torch.randn(tokens, 45).to(dtype), (torch.randn(8, 45) / 45**0.5).to(dtype)
+    x[0] = 0  # all logits 0: tied, lower expert ids first
+    want_logits = torch.nn.functional.linear(x, weight)
+    logits, weights, ids = ops.router_topk(x, weight, k, normalize)
+    assert logits.dtype == dtype and weights.dtype == torch.float32
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    scores = torch.softmax(logits, dim=-1, dtype=torch.float32)  # its own rounded logits, as the layer does
+    want_values = scores.topk(k, dim=-1).values
+    assert ids[0].tolist() == list(range(k))
+    # bf16 logits tie often: the chosen scores must be the top-k, highest first (ids may swap on ties)
+    assert torch.equal(scores.gather(1, ids), want_values)
+    assert all(len(set(row)) == k for row in ids.tolist())
     want = want_values / (want_values.sum(-1, keepdim=True) + 1e-20) if normalize else want_values
-    assert weights.dtype == torch.float32
     torch.testing.assert_close(weights, want, rtol=1e-6, atol=1e-7)
 
 
-def test_softmax_topk_opcheck_and_bad_input():
-    torch.library.opcheck(torch.ops.moe_resilient.softmax_topk, (torch.randn(5, 8), 2, True))
-    torch.library.opcheck(torch.ops.moe_resilient.softmax_topk, (torch.randn(0, 8), 2, False))
+def test_router_topk_opcheck_and_bad_input():
+    weight = torch.randn(8, H)
+    torch.library.opcheck(torch.ops.moe_resilient.router_topk, (torch.randn(5, H), weight, 2, True))
+    torch.library.opcheck(torch.ops.moe_resilient.router_topk, (torch.randn(0, H), weight, 2, False))
     for k in (0, 9):
         with pytest.raises(RuntimeError, match=r"k = -?\d+ outside \[1, 8\]"):
-            ops.softmax_topk(torch.randn(5, 8), k, True)
-    with pytest.raises(RuntimeError, match=r"logits must be \[T, E\]"):
-        ops.softmax_topk(torch.randn(8), 2, True)
+            ops.router_topk(torch.randn(5, H), weight, k, True)
+    with pytest.raises(RuntimeError, match=r"x must be \[T, H\] and weight \[E, H\]"):
+        ops.router_topk(torch.randn(5, H + 1), weight, 2, True)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        ops.router_topk(torch.randn(5, H), weight.bfloat16(), 2, True)
 
 
 def test_grouped_swiglu_bad_input():
