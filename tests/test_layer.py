@@ -62,6 +62,22 @@ def test_routing_variants_match_reference(kw, run):
     torch.testing.assert_close(run(layer, x), reference_moe(layer, x), rtol=1e-5, atol=1e-5)
 
 
+def test_inference_runs_the_fused_ops_and_training_does_not(monkeypatch):
+    from moe_resilient import ops
+
+    calls = []
+    for name in ("router_topk", "grouped_swiglu_combine"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    layer, x = _layer(2, E + 2), torch.randn(5, H)
+    with torch.no_grad():
+        inferred = layer(x)
+    assert calls == ["router_topk", "grouped_swiglu_combine"]
+    trained = layer(x)
+    assert calls == ["router_topk", "grouped_swiglu_combine"] and trained.requires_grad
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_every_replica_is_used_and_gives_the_same_answer():
     layer = _layer(2, E + 8)  # every expert has two replicas
     x = torch.randn(64, H)
