@@ -183,10 +183,7 @@ bool cpu_has_bf16_arithmetic() {
   return ok;
 }
 
-// From this many rows, bf16 slots use the kernel's bf16 dot products where the CPU has them (Zen 4,
-// weights from memory: 1.1-1.3x the speed of widening at 3-7 rows, 1.7x at 16); at 1-2 rows the slot
-// is bandwidth-bound and widening x streams the weights faster (one weight row at a time).
-constexpr int64_t kBf16DotRows = 3;
+
 
 // Slots with at most this many rows use the streaming kernel (skinny_gemm.h); larger ones use BLAS.
 // Where bf16 arithmetic exists but the kernel cannot use it (AMX without AVX512_BF16, or AVX-512 switched
@@ -206,8 +203,8 @@ void for_each_busy_slot(const std::vector<int64_t>& off, Fn fn) {
 // The slots with at most skinny_max_rows rows through the streaming kernel: x [N, H] grouped by slot ->
 // their rows of out. The activation runs once per run of adjacent such slots (once in all at decode
 // sizes), not once per slot: there, per-slot ATen calls cost as much as streaming a slot's weights.
-// bf16 slots of kBf16DotRows+ rows multiply bf16 x by bf16 weights where the CPU can (their activation
-// is rounded to bf16 for the second product, as on the BLAS path); the others widen x to fp32.
+// bf16 slots multiply bf16 x by bf16 weights where the CPU can (their activation is rounded to bf16 for
+// the second product, as on the BLAS path); elsewhere they widen x to fp32.
 template <typename W_t>
 void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const at::Tensor& w13, const at::Tensor& w2,
                    at::Tensor& out) {
@@ -218,44 +215,38 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
   });
   if (small.empty()) return;
   constexpr bool bf16 = std::is_same_v<W_t, c10::BFloat16>;
-  const bool dot_bf16 = bf16 && skinny_gemm_bf16_available();
-  const auto bf16_dots = [&](int64_t n) { return dot_bf16 && n >= kBf16DotRows; };
+  const bool dot = bf16 && skinny_gemm_bf16_available();  // bf16 x bf16 products summed in fp32
   const int64_t M = off.back(), H = w13.size(2), I = w13.size(1) / 2;
-  const auto xf = x.narrow(0, 0, M).to(at::kFloat).contiguous();
-  auto h = at::empty({M, 2 * I}, xf.options());
-  const bool direct = out.scalar_type() == at::kFloat;  // write straight into out
-  auto yf = direct ? out : at::empty({M, H}, xf.options());
-  // y [n, N] fp32 = rows [n, K] (fp32 or bf16) @ slot weights [N, K]^T
-  const auto product = [&](int64_t n, const float* rows_f, const void* rows_b, int64_t K, const W_t* W, int64_t N,
-                           float* y) {
+  const auto opts = x.options().dtype(at::kFloat);
+  // y [n, N] fp32 = rows a..a+n of `in` [M, K] (bf16 when `dot`, else fp32) @ slot weights W [N, K]^T
+  const auto product = [&](const at::Tensor& in, int64_t a, int64_t n, const W_t* W, int64_t N, float* y) {
+    const int64_t K = in.size(1);
     if constexpr (bf16) {
-      if (bf16_dots(n)) return skinny_gemm_bf16(static_cast<const c10::BFloat16*>(rows_b), n, K, W, N, y);
+      if (dot) return skinny_gemm_bf16(in.data_ptr<c10::BFloat16>() + a * K, n, K, W, N, y);
     }
-    skinny_gemm_nt(rows_f, n, K, W, N, y);
+    skinny_gemm_nt(in.data_ptr<float>() + a * K, n, K, W, N, y);
   };
+  const auto x_in = dot ? x.narrow(0, 0, M) : x.narrow(0, 0, M).to(at::kFloat).contiguous();
+  auto h = at::empty({M, 2 * I}, opts);
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) rows of adjacent small slots
-  bool any_bf16_dots = false;
   for (const auto& [s, a, n] : small) {
-    const void* xb = bf16 ? static_cast<const void*>(x.data_ptr<W_t>() + a * H) : nullptr;
-    product(n, xf.data_ptr<float>() + a * H, xb, H, w13.data_ptr<W_t>() + s * 2 * I * H, 2 * I,
-            h.data_ptr<float>() + a * 2 * I);
-    any_bf16_dots = any_bf16_dots || bf16_dots(n);
+    product(x_in, a, n, w13.data_ptr<W_t>() + s * 2 * I * H, 2 * I, h.data_ptr<float>() + a * 2 * I);
     if (!runs.empty() && runs.back().second == a)
       runs.back().second = a + n;
     else
       runs.emplace_back(a, a + n);
   }
-  auto act = at::empty({M, I}, xf.options());
+  auto act = at::empty({M, I}, opts);
   for (const auto& [a, b] : runs) {  // act = silu(gate) * up
     const auto hr = h.narrow(0, a, b - a);
     auto ar = act.narrow(0, a, b - a);
     at::silu_out(ar, hr.narrow(1, 0, I)).mul_(hr.narrow(1, I, I));
   }
-  const auto act_b = any_bf16_dots ? act.to(at::kBFloat16) : at::Tensor();
-  for (const auto& [s, a, n] : small) {
-    const void* ab = bf16_dots(n) ? static_cast<const void*>(act_b.data_ptr<c10::BFloat16>() + a * I) : nullptr;
-    product(n, act.data_ptr<float>() + a * I, ab, I, w2.data_ptr<W_t>() + s * H * I, H, yf.data_ptr<float>() + a * H);
-  }
+  const auto act_in = dot ? act.to(at::kBFloat16) : act;
+  const bool direct = out.scalar_type() == at::kFloat;  // write straight into out
+  auto yf = direct ? out : at::empty({M, H}, opts);
+  for (const auto& [s, a, n] : small)
+    product(act_in, a, n, w2.data_ptr<W_t>() + s * H * I, H, yf.data_ptr<float>() + a * H);
   if (!direct) {
     for (const auto& [a, b] : runs) out.narrow(0, a, b - a).copy_(yf.narrow(0, a, b - a));
   }

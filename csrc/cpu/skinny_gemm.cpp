@@ -13,7 +13,10 @@ void skinny_tiles_avx512(const float* x, int64_t M, int64_t K, const float* W, i
                          int64_t t1);
 void skinny_tiles_avx512(const float* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t t0,
                          int64_t t1);
-// Same file, bf16 x and W with AVX512_BF16; tiles of 6 weight rows.
+// Same file, bf16 x and W with AVX512_BF16: weight rows n0..n1 one at a time (1-2 rows of x), and
+// tiles of 6 weight rows.
+void rows_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t n0,
+                 int64_t n1);
 void skinny_tiles_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t t0,
                          int64_t t1);
 
@@ -147,6 +150,10 @@ bool skinny_gemm_bf16_available() {
 
 void skinny_gemm_bf16(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* W, int64_t N, float* y) {
   TORCH_CHECK(skinny_gemm_bf16_available(), "skinny_gemm_bf16: this CPU has no AVX512_BF16 (or it is switched off)");
+  if (M <= 2) {  // as the fp32 kernel: bandwidth-bound, one sequential weight stream per core
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { rows_bf16dp(bits(x), M, K, bits(W), N, y, n0, n1); });
+    return;
+  }
   constexpr int64_t nr = 6;
   at::parallel_for(0, (N + nr - 1) / nr, 8, [&](int64_t t0, int64_t t1) {
     skinny_tiles_bf16dp(bits(x), M, K, bits(W), N, y, t0, t1);

@@ -22,8 +22,8 @@ bool skinny_gemm_allow_avx512(bool allowed);
 // Whether skinny_gemm_bf16 can run: a CPU with AVX512_BF16, and AVX-512 allowed.
 bool skinny_gemm_bf16_available();
 
-// x [M, K] and W [N, K] bfloat16, y [M, N] float (bf16 products summed in fp32, as BLAS does), for 3+
-// rows: twice the multiplies per instruction of widening to fp32. Parallel over N.
+// x [M, K] and W [N, K] bfloat16, y [M, N] float (bf16 products summed in fp32, as BLAS does): twice
+// the multiplies per instruction of widening to fp32. Parallel over N.
 void skinny_gemm_bf16(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* W, int64_t N, float* y);
 
 // x [M, K] float, W [N, K] row-major (float or bfloat16), y [M, N] float. Parallel over N.
