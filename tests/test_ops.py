@@ -194,7 +194,7 @@ def test_grouped_swiglu_mixes_kernel_paths_in_one_call(dtype, tiles):
     """Small slots (streaming kernel, activations per run of adjacent small slots) around large ones
     (BLAS), an empty slot, and unroutable rows past the last offset (zeros)."""
     h, i = 24, 20
-    sizes = [5, 130, 3, 7, 0, 129, 1]
+    sizes = [5, 130, 3, 7, 0, 129, 1, 600]  # 600: BLAS under every threshold
     offsets = torch.tensor([0] + sizes).cumsum(0)
     x = torch.randn(int(offsets[-1]) + 2, h, dtype=dtype)
     w13 = (torch.randn(len(sizes), 2 * i, h) / h**0.5).to(dtype)
