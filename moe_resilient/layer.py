@@ -218,13 +218,12 @@ class ResilientMoE(nn.Module):
         order [T*K], offsets [S+1]): top-k, live replica per pair, pairs grouped by slot. Counts
         the load of each logical expert on the way."""
         router_logits, topk_weights, topk_ids = self.gate(x)
-        ids = topk_ids.flatten()
-        self.expert_load.index_add_(0, ids, torch.ones_like(ids))  # in place: compile-safe
+        load = self.expert_load  # counted in place by the op: compile-safe
         if self.config.static_placement:
-            routed = ops.route_to_slots(topk_ids, None, None, self.config.num_slots)
+            routed = ops.route_to_slots(topk_ids, None, None, self.config.num_slots, load=load)
         else:
             p, strict = self.placement, self.config.degraded == "raise"
-            routed = ops.route_to_slots(topk_ids, p.log2phy, p.logcnt, self.config.num_slots, strict)
+            routed = ops.route_to_slots(topk_ids, p.log2phy, p.logcnt, self.config.num_slots, strict, load)
         return (router_logits, topk_weights, topk_ids, *routed)
 
     def add_shared_expert(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:

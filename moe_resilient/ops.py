@@ -18,14 +18,15 @@ _ops = torch.ops.moe_resilient
 
 def route_to_slots(
     topk_ids: torch.Tensor, log2phy: torch.Tensor | None, logcnt: torch.Tensor | None, num_slots: int,
-    strict: bool = False,
+    strict: bool = False, load: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Replica choice and grouping by slot in one pass.
 
     topk_ids [T, K] int64 logical experts -> (slot_ids [T, K] (-1: no live replica),
     order [T*K] flat pair indices sorted by slot (unroutable last), offsets [S+1]).
-    ``strict`` raises instead of marking a pair unroutable."""
-    return _ops.route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict)
+    ``strict`` raises instead of marking a pair unroutable. ``load`` ([E] int64), if given, gets each
+    expert's pair count added in place (nothing is added when the call raises)."""
+    return _ops.route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict, load)
 
 
 def router_topk(
@@ -59,7 +60,7 @@ def _router_topk_fake(x, weight, k, normalize):
 
 
 @torch.library.register_fake("moe_resilient::route_to_slots")
-def _route_to_slots_fake(topk_ids, log2phy, logcnt, num_slots, strict=False):
+def _route_to_slots_fake(topk_ids, log2phy, logcnt, num_slots, strict=False, load=None):
     n = topk_ids.shape[0] * topk_ids.shape[1]
     return (
         torch.empty_like(topk_ids),

@@ -48,7 +48,9 @@ def test_placement_changes_never_recompile(compiled):
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         for edit in edits:
             edit()
+            counted = int(layer.expert_load.sum())
             torch.testing.assert_close(cm(x), layer(x), rtol=1e-6, atol=1e-6)
+            assert int(layer.expert_load.sum()) == counted + 2 * x.shape[0] * 2  # both count their pairs
             if not layer.placement.uncovered():
                 torch.testing.assert_close(cm(x), want, rtol=1e-5, atol=1e-5)
     assert _addresses(layer) == addresses

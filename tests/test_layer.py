@@ -211,16 +211,16 @@ def test_static_placement_matches_and_refuses_edits():
 def test_expert_weights_are_backed_by_huge_pages():
     """Slot weights are advised for transparent huge pages before first touch (a decode step streams
     them all); where THP is not disabled, the kernel backs them with huge pages."""
-    import os
+    from pathlib import Path
 
-    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
-    if not os.path.exists(thp) or "[never]" in open(thp).read():
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
         pytest.skip("transparent huge pages are disabled on this machine")
     layer = ResilientMoE(MoEConfig(1024, 2048, 4, 2))
     w = layer.experts.w13
     start, end = w.data_ptr(), w.data_ptr() + w.numel() * w.element_size()
     huge_kb, overlaps = 0, False  # advising splits the mapping: count every one the tensor overlaps
-    for line in open("/proc/self/smaps"):
+    for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
             lo, hi = (int(a, 16) for a in head.split("-"))

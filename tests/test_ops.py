@@ -41,6 +41,20 @@ def test_route_to_slots_matches_reference():
     assert offsets[-1] == (ids != 3).sum()
 
 
+def test_route_to_slots_counts_load_in_place_and_not_on_error():
+    log2phy, logcnt = _placement()
+    ids = torch.tensor([[0, 3], [1, 3], [1, 2]])  # expert 3 has no live replica: still counted
+    load = torch.full((E,), 5, dtype=torch.long)
+    ops.route_to_slots(ids, log2phy, logcnt, S, load=load)
+    assert load.tolist() == [6, 7, 6, 7]
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.route_to_slots(torch.tensor([[0, 1], [2, 9]]), log2phy, logcnt, S, load=load)
+    assert load.tolist() == [6, 7, 6, 7]  # a rejected call counts nothing
+    with pytest.raises(RuntimeError, match=r"load must be a contiguous int64 \[4\]"):
+        ops.route_to_slots(ids, log2phy, logcnt, S, load=torch.zeros(E + 1, dtype=torch.long))
+    torch.library.opcheck(torch.ops.moe_resilient.route_to_slots, (ids, log2phy, logcnt, S, False, load))
+
+
 def test_route_to_slots_identity_is_fixed_placement():
     ids = torch.randint(0, E, (9, 2))
     slot_ids, _, offsets = ops.route_to_slots(ids, None, None, E)

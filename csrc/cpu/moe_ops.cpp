@@ -29,9 +29,11 @@ namespace moe_resilient {
 //   slot_ids [T, K]  chosen slot, -1 where the expert has no live replica;
 //   order    [T*K]   flat (t*K + k) indices sorted by slot, stable; unroutable pairs last;
 //   offsets  [S+1]   rows of slot s are order[offsets[s]:offsets[s+1]].
+// With `load` ([E] int64), adds each expert's pair count to it, once every id has been checked (a
+// rejected call changes nothing): the layer's load counters without two more ATen calls per step.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
     const at::Tensor& topk_ids, const std::optional<at::Tensor>& log2phy, const std::optional<at::Tensor>& logcnt,
-    int64_t num_slots, bool strict) {
+    int64_t num_slots, bool strict, const std::optional<at::Tensor>& load) {
   TORCH_CHECK(topk_ids.dim() == 2, "route_to_slots: topk_ids must be [T, K], got ", topk_ids.sizes());
   TORCH_CHECK(topk_ids.scalar_type() == at::kLong, "route_to_slots: topk_ids must be int64");
   TORCH_CHECK(num_slots > 0, "route_to_slots: num_slots must be positive");
@@ -49,6 +51,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
   const auto ids = topk_ids.contiguous();
   const int64_t T = ids.size(0), K = ids.size(1), N = T * K;
   const int64_t E = identity ? num_slots : l2p.size(0), R = identity ? 1 : l2p.size(1);
+  if (load.has_value())
+    TORCH_CHECK(load->dim() == 1 && load->size(0) == E && load->scalar_type() == at::kLong && load->is_contiguous(),
+                "route_to_slots: load must be a contiguous int64 [", E, "], got ", load->sizes());
 
   auto slot_ids = at::empty({T, K}, ids.options());
   auto order = at::empty({N}, ids.options());
@@ -61,10 +66,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
   int64_t* off_p = offsets.data_ptr<int64_t>();
 
   // Pass 1: choose a replica and count rows per slot (bucket num_slots collects unroutable pairs).
-  std::vector<int64_t> count(num_slots + 1, 0);
+  std::vector<int64_t> count(num_slots + 1, 0), per_expert(load.has_value() ? E : 0, 0);
   for (int64_t i = 0; i < N; ++i) {
     const int64_t e = ids_p[i];
     TORCH_CHECK(e >= 0 && e < E, "route_to_slots: expert id ", e, " out of range [0, ", E, ")");
+    if (load.has_value()) ++per_expert[e];
     if (identity) {
       slot_p[i] = e;
       ++count[e];
@@ -82,6 +88,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
     }
     slot_p[i] = s;
     ++count[s < 0 ? num_slots : s];
+  }
+  if (load.has_value()) {
+    int64_t* load_p = load->data_ptr<int64_t>();
+    for (int64_t e = 0; e < E; ++e) load_p[e] += per_expert[e];
   }
   // Pass 2: exclusive prefix sum, then a stable scatter.
   std::vector<int64_t> cursor(num_slots + 1, 0);
@@ -392,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward(
 }
 
 TORCH_LIBRARY(moe_resilient, m) {
-  m.def("route_to_slots(Tensor topk_ids, Tensor? log2phy, Tensor? logcnt, int num_slots, bool strict=False) -> (Tensor, Tensor, Tensor)");
+  m.def("route_to_slots(Tensor topk_ids, Tensor? log2phy, Tensor? logcnt, int num_slots, bool strict=False, Tensor(a!)? load=None) -> (Tensor, Tensor, Tensor)");
   m.def("router_topk(Tensor x, Tensor weight, int k, bool normalize) -> (Tensor, Tensor, Tensor)");
   m.def("grouped_swiglu(Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> Tensor");
   m.def("grouped_swiglu_combine(Tensor x, Tensor order, Tensor offsets, Tensor slot_ids, Tensor topk_weights, Tensor w13, Tensor w2) -> Tensor");
