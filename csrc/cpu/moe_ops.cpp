@@ -197,11 +197,12 @@ bool cpu_has_bf16_arithmetic() {
 // Measured per slot against BLAS (8 slots, H=1024, I=2048; Zen 4 for the AVX-512 rows):
 // - fp32, AVX2 tiles: the kernel wins up to ~128 rows; AVX-512 tiles: 0.75x BLAS's time at 128 rows,
 //   0.85x at 256, a tie at 512.
-// - bf16 on a CPU with bf16 arithmetic: the bf16 dot-product tiles win up to 32 rows and tie at 64
-//   (BLAS 1.1x faster at 96-128); where the kernel cannot use bf16 arithmetic (AMX without
-//   AVX512_BF16, or AVX-512 switched off) BLAS wins from ~16 rows (1.7x at 64, 2.5x at 128).
+// - bf16 on a CPU with bf16 arithmetic: the bf16 dot-product tiles win up to 32 rows and are within
+//   noise of BLAS at 64-128 (the whole layer at 512 tokens, ~128 rows a slot: 36 ms with the tiles,
+//   39 ms with BLAS); where the kernel cannot use bf16 arithmetic (AMX without AVX512_BF16, or AVX-512
+//   switched off) BLAS wins from ~16 rows (1.7x at 64, 2.5x at 128).
 int64_t skinny_max_rows(at::ScalarType dtype) {
-  if (dtype == at::kBFloat16 && cpu_has_bf16_arithmetic()) return skinny_gemm_bf16_available() ? 64 : 12;
+  if (dtype == at::kBFloat16 && cpu_has_bf16_arithmetic()) return skinny_gemm_bf16_available() ? 128 : 12;
   return dtype == at::kFloat && skinny_gemm_avx512_enabled() ? 512 : 128;
 }
 
