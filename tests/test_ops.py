@@ -12,8 +12,9 @@ S, E, H, I = 6, 4, 16, 24
 
 @pytest.fixture(params=["avx512", "avx2"])
 def tiles(request):
-    """The streaming kernel's 8+ row tiles: AVX-512 where the CPU has it, and AVX2 (switched to on such
-    a CPU, the only ones elsewhere)."""
+    """The streaming kernel's AVX-512 code (fp32 4x4 tiles; bf16 dot products where the CPU has
+    AVX512_BF16) where the CPU has it, and its AVX2 code (switched to on such a CPU, the only code
+    elsewhere)."""
     if request.param == "avx512" and not _C.skinny_avx512_enabled():
         pytest.skip("this CPU has no AVX-512: its tiles cannot run here")
     previous = _C.allow_skinny_avx512(request.param == "avx512")

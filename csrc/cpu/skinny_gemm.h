@@ -2,8 +2,10 @@
 //
 // BLAS packs W before a GEMM, which for small M costs as much as the GEMM itself: per expert slot it
 // measured 2-4x slower than this kernel at 4-16 rows and still ~1.2x at 128 (benchmarks/RESULTS.md).
-// Both cores stream disjoint weight rows; a register tile (up to 4x3) reuses each weight vector across rows.
-// AVX2+FMA (checked at run time; callers fall back to at::mm without it), AVX-512 tiles where the CPU has it.
+// Both cores stream disjoint weight rows: 1-3 rows of x take one weight row at a time, more rows a
+// register tile that reuses each weight vector across x rows (skinny_gemm.cpp says which, and why).
+// AVX2+FMA (checked at run time; callers fall back to at::mm without it); AVX-512 and AVX512_BF16 code
+// where the CPU has them (skinny_gemm_avx512.cpp).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -14,8 +16,8 @@ namespace moe_resilient {
 
 bool skinny_gemm_available();
 
-// Whether 8+ row tiles use AVX-512 (the CPU has it and it is allowed); allow_avx512 returns the previous
-// setting, so tests can run the AVX2 tiles on a CPU that has AVX-512 too.
+// Whether the AVX-512 code runs (the CPU has it and it is allowed); allow_avx512 returns the previous
+// setting, so tests can run the AVX2 code on a CPU that has AVX-512 too.
 bool skinny_gemm_avx512_enabled();
 bool skinny_gemm_allow_avx512(bool allowed);
 

@@ -5,7 +5,7 @@
 // compiled for AVX-512 must not become a shared (comdat) symbol that an AVX2-only CPU could run.
 //
 // V provides: reg, width (floats per register), zero(), load(const float*), load(const uint16_t*) (bf16
-// bits), fma(a, b, acc) = a * b + acc, hsum(reg).
+// bits; only where tiles are instantiated for bf16 weights), fma(a, b, acc) = a * b + acc, hsum(reg).
 #pragma once
 
 #include <cstdint>
