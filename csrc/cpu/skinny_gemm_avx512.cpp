@@ -143,22 +143,14 @@ void rows_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int
 // x rows in passes of 4.
 void skinny_tiles_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t t0,
                          int64_t t1) {
-  constexpr int64_t mr = 4, nr = 6;
-  const int64_t passes = (M + mr - 1) / mr;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n0 = t * nr, ncols = N - n0 < nr ? N - n0 : nr;
-    const uint16_t* next = (t + 1 < t1 && n0 + 2 * nr <= N) ? W + (n0 + nr) * K : nullptr;
-    for (int64_t p = 0; p < passes; ++p) {
-      const int64_t m0 = p * mr;
-      const Prefetch pf{next, p, passes};
-      switch (M - m0 < mr ? M - m0 : mr) {
-        case 4: dp_tile_cols<4>(x, m0, K, W, n0, ncols, N, y, pf); break;
-        case 3: dp_tile_cols<3>(x, m0, K, W, n0, ncols, N, y, pf); break;
-        case 2: dp_tile_cols<2>(x, m0, K, W, n0, ncols, N, y, pf); break;
-        default: dp_tile_cols<1>(x, m0, K, W, n0, ncols, N, y, pf);
-      }
+  tile_passes(M, K, W, N, 4, 6, t0, t1, [&](int64_t m0, int64_t rows, int64_t n0, int64_t cols, Prefetch pf) {
+    switch (rows) {
+      case 4: return dp_tile_cols<4>(x, m0, K, W, n0, cols, N, y, pf);
+      case 3: return dp_tile_cols<3>(x, m0, K, W, n0, cols, N, y, pf);
+      case 2: return dp_tile_cols<2>(x, m0, K, W, n0, cols, N, y, pf);
+      default: return dp_tile_cols<1>(x, m0, K, W, n0, cols, N, y, pf);
     }
-  }
+  });
 }
 
 }  // namespace moe_resilient

@@ -95,19 +95,28 @@ void tile_any(const float* x, int64_t m0, int64_t mr, int64_t K, const W_t* W, i
   }
 }
 
-// Column tiles t0..t1 (tile t = weight rows t*nr .. t*nr+nr) over all M rows of x, in passes of mr rows.
-template <class V, typename W_t>
-void column_tiles(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y, int64_t mr, int64_t nr,
-                  int64_t t0, int64_t t1) {
+// Column tiles t0..t1 (tile t = weight rows t*nr .. t*nr+nr of W [N, K]) over all M rows of x, in
+// passes of mr rows: run(m0, rows, n0, cols, prefetch) for each pass of each tile.
+template <typename W_t, typename Run>
+void tile_passes(int64_t M, int64_t K, const W_t* W, int64_t N, int64_t mr, int64_t nr, int64_t t0, int64_t t1,
+                 Run run) {
   const int64_t passes = (M + mr - 1) / mr;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * nr, ncols = N - n0 < nr ? N - n0 : nr;
     const W_t* next = (t + 1 < t1 && n0 + 2 * nr <= N) ? W + (n0 + nr) * K : nullptr;
     for (int64_t p = 0; p < passes; ++p) {
       const int64_t m0 = p * mr;
-      tile_any<V, W_t>(x, m0, M - m0 < mr ? M - m0 : mr, K, W, n0, ncols, N, y, Prefetch{next, p, passes});
+      run(m0, M - m0 < mr ? M - m0 : mr, n0, ncols, Prefetch{next, p, passes});
     }
   }
+}
+
+template <class V, typename W_t>
+void column_tiles(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y, int64_t mr, int64_t nr,
+                  int64_t t0, int64_t t1) {
+  tile_passes(M, K, W, N, mr, nr, t0, t1, [&](int64_t m0, int64_t rows, int64_t n0, int64_t cols, Prefetch pf) {
+    tile_any<V, W_t>(x, m0, rows, K, W, n0, cols, N, y, pf);
+  });
 }
 
 }  // namespace
