@@ -166,6 +166,16 @@ def test_router_topk_matches_its_parts(dtype, k, normalize, tokens):
     torch.testing.assert_close(weights, want, rtol=1e-6, atol=1e-7)
 
 
+def test_router_topk_with_nan_logits_propagates_nan():
+    """A NaN logit (a broken model) makes the weights NaN, as softmax does on the unfused path; the
+    selection stays k distinct experts, the NaN one first."""
+    x, weight = torch.randn(4, 16), torch.randn(8, 16)
+    weight[5] = float("nan")
+    logits, weights, ids = ops.router_topk(x, weight, 3, True)
+    assert logits[:, 5].isnan().all() and weights.isnan().all()
+    assert ids[:, 0].tolist() == [5] * 4 and all(len(set(row)) == 3 for row in ids.tolist())
+
+
 def test_router_topk_opcheck_and_bad_input():
     weight = torch.randn(8, H)
     torch.library.opcheck(torch.ops.moe_resilient.router_topk, (torch.randn(5, H), weight, 2, True))

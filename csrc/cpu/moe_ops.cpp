@@ -128,8 +128,12 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits_in, int
       float total = 0;
       for (int64_t e = 0; e < E; ++e) total += (p[e] = std::exp(l[e] - top));
       for (int64_t e = 0; e < E; ++e) idx[e] = e;
-      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
-                        [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+      // NaN ranks first, as in torch.topk; the order must stay strict and weak for partial_sort
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int64_t a, int64_t b) {
+        const bool na = std::isnan(p[a]), nb = std::isnan(p[b]);
+        if (na || nb) return na && (!nb || a < b);
+        return p[a] > p[b] || (p[a] == p[b] && a < b);
+      });
       float chosen = 0;
       for (int64_t j = 0; j < k; ++j) chosen += (w_p[t * k + j] = p[idx[j]] / total);
       const float scale = normalize ? 1.f / (chosen + 1e-20f) : 1.f;
