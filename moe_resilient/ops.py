@@ -106,13 +106,15 @@ torch.library.register_autograd(
 # Plain PyTorch references (same contracts as the C++ ops).
 
 
-def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False):
+def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False, load=None):
     T, K = topk_ids.shape
     token = torch.arange(T, device=topk_ids.device).unsqueeze(1).expand(T, K)
     cnt = logcnt[topk_ids]
     if strict and bool((cnt == 0).any()):
         e = int(topk_ids[cnt == 0][0])
         raise RuntimeError(f"route_to_slots: expert {e} has no live replica (degraded='raise')")
+    if load is not None:
+        load.index_add_(0, topk_ids.flatten(), torch.ones_like(topk_ids.flatten()))
     replica = token % cnt.clamp(min=1)
     slot_ids = torch.where(cnt > 0, log2phy[topk_ids, replica], torch.full_like(topk_ids, -1))
     key = torch.where(slot_ids < 0, num_slots, slot_ids).flatten()

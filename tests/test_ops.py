@@ -45,9 +45,10 @@ def test_route_to_slots_matches_reference():
 def test_route_to_slots_counts_load_in_place_and_not_on_error():
     log2phy, logcnt = _placement()
     ids = torch.tensor([[0, 3], [1, 3], [1, 2]])  # expert 3 has no live replica: still counted
-    load = torch.full((E,), 5, dtype=torch.long)
-    ops.route_to_slots(ids, log2phy, logcnt, S, load=load)
-    assert load.tolist() == [6, 7, 6, 7]
+    for route in (ops.route_to_slots, ops.route_to_slots_reference):
+        load = torch.full((E,), 5, dtype=torch.long)
+        route(ids, log2phy, logcnt, S, load=load)
+        assert load.tolist() == [6, 7, 6, 7]
     with pytest.raises(RuntimeError, match="out of range"):
         ops.route_to_slots(torch.tensor([[0, 1], [2, 9]]), log2phy, logcnt, S, load=load)
     assert load.tolist() == [6, 7, 6, 7]  # a rejected call counts nothing
