@@ -16,8 +16,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <type_traits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace moe_resilient {
