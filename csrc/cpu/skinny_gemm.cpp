@@ -9,7 +9,7 @@
 
 namespace moe_resilient {
 
-// csrc/cpu/skinny_gemm_avx512.cpp; fp32 weights, tiles t0..t1 of 4 weight rows, x rows in passes of 4.
+// csrc/cpu/skinny_gemm_avx512.cpp; fp32 weights, tiles t0..t1 of 6 weight rows, x rows in passes of 4.
 void skinny_tiles_avx512(const float* x, int64_t M, int64_t K, const float* W, int64_t N, float* y, int64_t t0,
                          int64_t t1);
 // Same file, bf16 x and W with AVX512_BF16: weight rows n0..n1 one at a time (1-2 rows of x), and
@@ -111,7 +111,7 @@ bool cpu_has_avx512_bf16() {
 //   several weight rows read short interleaved streams, which the hardware prefetcher follows worse:
 //   bf16 at 1 row streamed at 16 GB/s that way, at the 32 GB/s of a plain sum this way.
 // - 4-7 rows: a 2x4 tile (2 x rows, 4 weight rows), 1.2x the speed of 4x3 at 4 rows.
-// - from 8 rows: fp32 weights with AVX-512, a 4x4 tile of zmm registers; else a 4x3 tile, the most
+// - from 8 rows: fp32 weights with AVX-512, a 4x6 tile of zmm registers; else a 4x3 tile, the most
 //   reuse of each weight load within the 16 ymm registers.
 template <typename W_t>
 void skinny(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y) {
@@ -120,7 +120,7 @@ void skinny(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float
     return;
   }
   const bool avx512 = std::is_same_v<W_t, float> && M >= 8 && skinny_gemm_avx512_enabled();
-  const int64_t mr = M < 8 ? 2 : 4, nr = avx512 || M < 8 ? 4 : 3;
+  const int64_t mr = M < 8 ? 2 : 4, nr = avx512 ? 6 : (M < 8 ? 4 : 3);
   // Each task streams >= 48 weight rows, so both cores run without per-tile scheduling cost.
   at::parallel_for(0, (N + nr - 1) / nr, 16, [&](int64_t t0, int64_t t1) {
     if constexpr (std::is_same_v<W_t, float>) {

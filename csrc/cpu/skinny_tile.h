@@ -38,33 +38,33 @@ void tile(const float* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64
   // Every loop over MR/NR is unrolled by pragma: GCC scalarises acc into registers only when its indices
   // are constants before its SRA pass, otherwise it mirrors every FMA with a dead store to the stack.
   typename V::reg acc[MR][NR];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int64_t i = 0; i < mr; ++i)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int64_t j = 0; j < nr; ++j) acc[i][j] = V::zero();
   const int64_t Kv = K - K % width;
   const W_t* next = static_cast<const W_t*>(pf.next);
   int64_t pf_wait = 1, pf_k = pf.pass * (K / pf.passes);  // one prefetch per row every `passes` steps
   for (int64_t k = 0; k < Kv; k += width) {
     typename V::reg w[NR];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int64_t j = 0; j < nr; ++j) w[j] = V::load(W + (n0 + j) * K + k);
     if (next != nullptr && --pf_wait == 0) {
       pf_wait = pf.passes;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int64_t j = 0; j < nr; ++j) __builtin_prefetch(next + j * K + pf_k, 0, 3);
       pf_k += width;
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int64_t i = 0; i < mr; ++i) {
       const typename V::reg xv = V::load(x + (m0 + i) * K + k);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int64_t j = 0; j < nr; ++j) acc[i][j] = V::fma(xv, w[j], acc[i][j]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int64_t i = 0; i < mr; ++i) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int64_t j = 0; j < nr; ++j) {
       float s = V::hsum(acc[i][j]);
       for (int64_t k = Kv; k < K; ++k) s += x[(m0 + i) * K + k] * to_float(W[(n0 + j) * K + k]);
@@ -77,6 +77,8 @@ template <class V, typename W_t, int64_t MR>
 void tile_cols(const float* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t nr, int64_t N, float* y,
                Prefetch pf) {
   switch (nr) {
+    case 6: return tile<V, W_t, MR, 6>(x, m0, K, W, n0, N, y, pf);  // AVX-512 only
+    case 5: return tile<V, W_t, MR, 5>(x, m0, K, W, n0, N, y, pf);
     case 4: return tile<V, W_t, MR, 4>(x, m0, K, W, n0, N, y, pf);
     case 3: return tile<V, W_t, MR, 3>(x, m0, K, W, n0, N, y, pf);
     case 2: return tile<V, W_t, MR, 2>(x, m0, K, W, n0, N, y, pf);
