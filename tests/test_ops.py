@@ -12,7 +12,7 @@ S, E, H, I = 6, 4, 16, 24
 
 @pytest.fixture(params=["avx512", "avx2"])
 def tiles(request):
-    """The streaming kernel's AVX-512 code (fp32 4x4 tiles; bf16 dot products where the CPU has
+    """The streaming kernel's AVX-512 code (fp32 4x6 tiles; bf16 dot products where the CPU has
     AVX512_BF16) where the CPU has it, and its AVX2 code (switched to on such a CPU, the only code
     elsewhere)."""
     if request.param == "avx512" and not _C.skinny_avx512_enabled():
