@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from moe_resilient import ops
 from moe_resilient.experts import SlotExperts, SwiGLU
@@ -109,23 +110,10 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
         x = x.reshape(-1, c.hidden_size)
-        plain_softmax = c.scoring == "softmax" and c.num_groups == 1 and self.e_score_correction_bias is None
-        if plain_softmax and c.router_dtype in (None, x.dtype) and not torch.is_grad_enabled() and x.is_cpu:
-            # serving: one op for what takes six below
-            logits, topk_weights, topk_ids = ops.router_topk(x, self.weight, c.top_k, c.norm_topk_prob)
+        if c.router_dtype is not None:
+            logits = F.linear(x.to(c.router_dtype), self.weight.to(c.router_dtype))
         else:
-            if c.router_dtype is not None:
-                logits = F.linear(x.to(c.router_dtype), self.weight.to(c.router_dtype))
-            else:
-                logits = F.linear(x, self.weight)
-            topk_weights, topk_ids = self._select(logits)
-        if c.routed_scaling_factor != 1.0:
-            topk_weights = topk_weights * c.routed_scaling_factor
-        return logits, topk_weights, topk_ids
-
-    def _select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [T, E] -> (topk_weights [T, K] float32, topk_ids [T, K]), before routed scaling."""
-        c = self.config
+            logits = F.linear(x, self.weight)
         if c.scoring == "softmax":
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
         else:
@@ -142,7 +130,18 @@ class TopKRouter(nn.Module):
         topk_weights = scores.gather(1, topk_ids)
         if c.norm_topk_prob:
             topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
-        return topk_weights, topk_ids
+        if c.routed_scaling_factor != 1.0:
+            topk_weights = topk_weights * c.routed_scaling_factor
+        return logits, topk_weights, topk_ids
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether ops.route_tokens may stand in for calling this module on x: serving (autograd off) on
+        CPU, softmax scoring with no groups, bias or separate router dtype, and no hooks to run (HF
+        records router logits with a forward hook on the router)."""
+        c = self.config
+        plain = c.scoring == "softmax" and c.num_groups == 1 and self.e_score_correction_bias is None
+        hooked = self._forward_hooks or self._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
+        return plain and not hooked and c.router_dtype in (None, x.dtype) and not torch.is_grad_enabled() and x.is_cpu
 
 
 class ResilientMoE(nn.Module):
@@ -217,13 +216,18 @@ class ResilientMoE(nn.Module):
         """x [T, H] -> (router_logits [T, E], topk_weights [T, K], topk_ids [T, K], slot_ids [T, K],
         order [T*K], offsets [S+1]): top-k, live replica per pair, pairs grouped by slot. Counts
         the load of each logical expert on the way."""
+        c, p = self.config, self.placement
+        log2phy, logcnt = (None, None) if c.static_placement else (p.log2phy, p.logcnt)
+        strict, load = c.degraded == "raise", self.expert_load  # load: counted in place, compile-safe
+        if self.gate.fusable(x):  # serving: one call for the gate's six and route_to_slots
+            logits, topk_weights, *rest = ops.route_tokens(
+                x, self.gate.weight, c.top_k, c.norm_topk_prob, log2phy, logcnt, c.num_slots, strict, load
+            )
+            if c.routed_scaling_factor != 1.0:
+                topk_weights = topk_weights * c.routed_scaling_factor
+            return (logits, topk_weights, *rest)
         router_logits, topk_weights, topk_ids = self.gate(x)
-        load = self.expert_load  # counted in place by the op: compile-safe
-        if self.config.static_placement:
-            routed = ops.route_to_slots(topk_ids, None, None, self.config.num_slots, load=load)
-        else:
-            p, strict = self.placement, self.config.degraded == "raise"
-            routed = ops.route_to_slots(topk_ids, p.log2phy, p.logcnt, self.config.num_slots, strict, load)
+        routed = ops.route_to_slots(topk_ids, log2phy, logcnt, c.num_slots, strict, load)
         return (router_logits, topk_weights, topk_ids, *routed)
 
     def add_shared_expert(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:

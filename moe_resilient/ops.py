@@ -29,13 +29,14 @@ def route_to_slots(
     return _ops.route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict, load)
 
 
-def router_topk(
-    x: torch.Tensor, weight: torch.Tensor, k: int, normalize: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inference only (no autograd): x [T, H], gate weight [E, H] -> (router_logits [T, E] in x's dtype,
-    topk_weights [T, k] float32, topk_ids [T, k]): the softmax router, highest score first, weights
-    renormalized to sum 1 when ``normalize``."""
-    return _ops.router_topk(x, weight, k, normalize)
+def route_tokens(
+    x: torch.Tensor, weight: torch.Tensor, k: int, normalize: bool, log2phy: torch.Tensor | None,
+    logcnt: torch.Tensor | None, num_slots: int, strict: bool = False, load: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Inference only (no autograd): the softmax router and route_to_slots in one call. x [T, H], gate
+    weight [E, H] -> (router_logits [T, E] in x's dtype, topk_weights [T, k] float32 (highest first,
+    renormalized to sum 1 when ``normalize``), topk_ids [T, k], slot_ids, order, offsets)."""
+    return _ops.route_tokens(x, weight, k, normalize, log2phy, logcnt, num_slots, strict, load)
 
 
 def grouped_swiglu(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -53,10 +54,12 @@ def grouped_swiglu_combine(
     return _ops.grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2)
 
 
-@torch.library.register_fake("moe_resilient::router_topk")
-def _router_topk_fake(x, weight, k, normalize):
+@torch.library.register_fake("moe_resilient::route_tokens")
+def _route_tokens_fake(x, weight, k, normalize, log2phy, logcnt, num_slots, strict=False, load=None):
     t, e = x.shape[0], weight.shape[0]
-    return x.new_empty((t, e)), x.new_empty((t, k), dtype=torch.float32), x.new_empty((t, k), dtype=torch.long)
+    ids = x.new_empty((t, k), dtype=torch.long)
+    return (x.new_empty((t, e)), x.new_empty((t, k), dtype=torch.float32), ids, torch.empty_like(ids),
+            ids.new_empty(t * k), ids.new_empty(num_slots + 1))
 
 
 @torch.library.register_fake("moe_resilient::route_to_slots")

@@ -66,16 +66,22 @@ def test_inference_runs_the_fused_ops_and_training_does_not(monkeypatch):
     from moe_resilient import ops
 
     calls = []
-    for name in ("router_topk", "grouped_swiglu_combine"):
+    for name in ("route_tokens", "grouped_swiglu_combine"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     layer, x = _layer(2, E + 2), torch.randn(5, H)
     with torch.no_grad():
         inferred = layer(x)
-    assert calls == ["router_topk", "grouped_swiglu_combine"]
+    assert calls == ["route_tokens", "grouped_swiglu_combine"]
     trained = layer(x)
-    assert calls == ["router_topk", "grouped_swiglu_combine"] and trained.requires_grad
+    assert calls == ["route_tokens", "grouped_swiglu_combine"] and trained.requires_grad
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-6, atol=1e-6)
+    seen = []  # a hook on the router (how HF records router logits) runs: the gate module is called
+    layer.gate.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    with torch.no_grad():
+        hooked = layer(x)
+    assert calls == ["route_tokens", "grouped_swiglu_combine", "grouped_swiglu_combine"] and len(seen) == 1
+    torch.testing.assert_close(hooked, inferred, rtol=1e-6, atol=1e-6)
 
 
 def test_every_replica_is_used_and_gives_the_same_answer():

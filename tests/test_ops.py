@@ -147,16 +147,20 @@ def test_grouped_swiglu_combine_opcheck_and_bad_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("tokens", [37, 70])  # the streaming kernel's logits; BLAS's (over 64 tokens)
-def test_router_topk_matches_its_parts(dtype, k, normalize, tokens):
-    x, weight = torch.randn(tokens, 45).to(dtype), (torch.randn(8, 45) / 45**0.5).to(dtype)
+def test_route_tokens_matches_its_parts(dtype, k, normalize, tokens):
+    """Against F.linear, softmax, top-k, renormalize and route_to_slots, one after another."""
+    log2phy, logcnt = _placement()
+    x, weight = torch.randn(tokens, 45).to(dtype), (torch.randn(E, 45) / 45**0.5).to(dtype)
     x[0] = 0  # all logits 0: tied, lower expert ids first
-    want_logits = torch.nn.functional.linear(x, weight)
-    logits, weights, ids = ops.router_topk(x, weight, k, normalize)
+    load = torch.zeros(E, dtype=torch.long)
+    logits, weights, ids, slot_ids, order, offsets = ops.route_tokens(x, weight, k, normalize, log2phy, logcnt, S,
+                                                                      load=load)
     assert logits.dtype == dtype and weights.dtype == torch.float32
-    torch.testing.assert_close(logits, want_logits, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    torch.testing.assert_close(logits, torch.nn.functional.linear(x, weight),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
     scores = torch.softmax(logits, dim=-1, dtype=torch.float32)  # its own rounded logits, as the layer does
     want_values = scores.topk(k, dim=-1).values
     assert ids[0].tolist() == list(range(k))
@@ -165,29 +169,35 @@ def test_router_topk_matches_its_parts(dtype, k, normalize, tokens):
     assert all(len(set(row)) == k for row in ids.tolist())
     want = want_values / (want_values.sum(-1, keepdim=True) + 1e-20) if normalize else want_values
     torch.testing.assert_close(weights, want, rtol=1e-6, atol=1e-7)
+    want_load = torch.zeros(E, dtype=torch.long)
+    for got, expected in zip((slot_ids, order, offsets), ops.route_to_slots(ids, log2phy, logcnt, S, load=want_load)):
+        assert torch.equal(got, expected)
+    assert torch.equal(load, want_load)
 
 
-def test_router_topk_with_nan_logits_propagates_nan():
+def test_route_tokens_with_nan_logits_propagates_nan():
     """A NaN logit (a broken model) makes the weights NaN, as softmax does on the unfused path; the
     selection stays k distinct experts, the NaN one first."""
-    x, weight = torch.randn(4, 16), torch.randn(8, 16)
-    weight[5] = float("nan")
-    logits, weights, ids = ops.router_topk(x, weight, 3, True)
-    assert logits[:, 5].isnan().all() and weights.isnan().all()
-    assert ids[:, 0].tolist() == [5] * 4 and all(len(set(row)) == 3 for row in ids.tolist())
+    x, weight = torch.randn(4, 16), torch.randn(E, 16)
+    weight[2] = float("nan")
+    _, weights, ids, *_ = ops.route_tokens(x, weight, 3, True, None, None, E)
+    assert weights.isnan().all()
+    assert ids[:, 0].tolist() == [2] * 4 and all(len(set(row)) == 3 for row in ids.tolist())
 
 
-def test_router_topk_opcheck_and_bad_input():
-    weight = torch.randn(8, H)
-    torch.library.opcheck(torch.ops.moe_resilient.router_topk, (torch.randn(5, H), weight, 2, True))
-    torch.library.opcheck(torch.ops.moe_resilient.router_topk, (torch.randn(0, H), weight, 2, False))
-    for k in (0, 9):
-        with pytest.raises(RuntimeError, match=r"k = -?\d+ outside \[1, 8\]"):
-            ops.router_topk(torch.randn(5, H), weight, k, True)
+def test_route_tokens_opcheck_and_bad_input():
+    log2phy, logcnt = _placement()
+    weight, load = torch.randn(E, H), torch.zeros(E, dtype=torch.long)
+    for x in (torch.randn(5, H), torch.randn(0, H)):
+        torch.library.opcheck(torch.ops.moe_resilient.route_tokens, (x, weight, 2, True, log2phy, logcnt, S, False, load))
+    torch.library.opcheck(torch.ops.moe_resilient.route_tokens, (torch.randn(5, H), weight, 2, False, None, None, E))
+    for k in (0, E + 1):
+        with pytest.raises(RuntimeError, match=r"k = -?\d+ outside \[1, 4\]"):
+            ops.route_tokens(torch.randn(5, H), weight, k, True, log2phy, logcnt, S)
     with pytest.raises(RuntimeError, match=r"x must be \[T, H\] and weight \[E, H\]"):
-        ops.router_topk(torch.randn(5, H + 1), weight, 2, True)
+        ops.route_tokens(torch.randn(5, H + 1), weight, 2, True, log2phy, logcnt, S)
     with pytest.raises(RuntimeError, match="dtypes differ"):
-        ops.router_topk(torch.randn(5, H), weight.bfloat16(), 2, True)
+        ops.route_tokens(torch.randn(5, H), weight.bfloat16(), 2, True, log2phy, logcnt, S)
 
 
 def test_grouped_swiglu_bad_input():

@@ -1,7 +1,7 @@
 // CPU kernels on the MoE hot path, registered as `torch.ops.moe_resilient.*`.
 //
-// router_topk:     inference only: the softmax router (logits, top-k, weights) in one call.
 // route_to_slots:  replica choice + counting sort of the (token, k) pairs by physical slot, one pass.
+// route_tokens:    inference only: the softmax router (logits, top-k, weights) and route_to_slots.
 // grouped_swiglu:  SwiGLU experts over rows already grouped by slot (forward and backward).
 // grouped_swiglu_combine: inference only: gather, grouped_swiglu and the weighted top-k sum in one call.
 //
@@ -146,18 +146,20 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits_in, int
   return {weights, ids};
 }
 
-// Inference router with softmax scoring: x [T, H], weight [E, H] (same dtype) -> (router_logits [T, E]
-// in x's dtype, topk_weights [T, K] float32, topk_ids [T, K]), what F.linear + softmax + topk + gather +
-// renormalize give, in one call. Up to 64 tokens the logits come from the streaming kernel: right after
-// a step has streamed its experts through the caches, every ATen call costs 40-80 us, and a BLAS bf16
-// GEMV ~190 us, where the whole 1-token bf16 step is ~800 us.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& x_in, const at::Tensor& weight, int64_t k,
-                                                           bool normalize) {
+// Inference routing with softmax scoring, in one call: x [T, H], gate weight [E, H] (same dtype) ->
+// (router_logits [T, E] in x's dtype, topk_weights [T, K] float32, topk_ids [T, K], and route_to_slots'
+// slot_ids, order, offsets), what F.linear + softmax + topk + gather + renormalize + route_to_slots
+// give. Up to 64 tokens the logits come from the streaming kernel. Right after a step has streamed its
+// experts through the caches every call is slow (an ATen call 40-80 us, a BLAS bf16 GEMV ~190 us, the
+// Python gate module ~200 us, where the whole 1-token bf16 step is ~900 us): hence one call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_tokens(
+    const at::Tensor& x_in, const at::Tensor& weight, int64_t k, bool normalize, const std::optional<at::Tensor>& log2phy,
+    const std::optional<at::Tensor>& logcnt, int64_t num_slots, bool strict, const std::optional<at::Tensor>& load) {
   TORCH_CHECK(x_in.dim() == 2 && weight.dim() == 2 && x_in.size(1) == weight.size(1),
-              "router_topk: x must be [T, H] and weight [E, H], got ", x_in.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(x_in.scalar_type() == weight.scalar_type(), "router_topk: x and weight dtypes differ");
+              "route_tokens: x must be [T, H] and weight [E, H], got ", x_in.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x_in.scalar_type() == weight.scalar_type(), "route_tokens: x and weight dtypes differ");
   const int64_t T = x_in.size(0), H = x_in.size(1), E = weight.size(0);
-  TORCH_CHECK(k >= 1 && k <= E, "router_topk: k = ", k, " outside [1, ", E, "]");
+  TORCH_CHECK(k >= 1 && k <= E, "route_tokens: k = ", k, " outside [1, ", E, "]");
   const auto dtype = x_in.scalar_type();
   at::Tensor logits;
   if (T <= 64 && skinny_gemm_available() && x_in.device().is_cpu() &&
@@ -174,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& x_i
     logits = at::linear(x_in, weight);
   }
   auto [topk_weights, topk_ids] = softmax_topk(logits, k, normalize);
-  return {logits, topk_weights, topk_ids};
+  auto [slot_ids, order, offsets] = route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict, load);
+  return {logits, topk_weights, topk_ids, slot_ids, order, offsets};
 }
 
 namespace {
@@ -408,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward(
 
 TORCH_LIBRARY(moe_resilient, m) {
   m.def("route_to_slots(Tensor topk_ids, Tensor? log2phy, Tensor? logcnt, int num_slots, bool strict=False, Tensor(a!)? load=None) -> (Tensor, Tensor, Tensor)");
-  m.def("router_topk(Tensor x, Tensor weight, int k, bool normalize) -> (Tensor, Tensor, Tensor)");
+  m.def("route_tokens(Tensor x, Tensor weight, int k, bool normalize, Tensor? log2phy, Tensor? logcnt, int num_slots, bool strict=False, Tensor(a!)? load=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("grouped_swiglu(Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> Tensor");
   m.def("grouped_swiglu_combine(Tensor x, Tensor order, Tensor offsets, Tensor slot_ids, Tensor topk_weights, Tensor w13, Tensor w2) -> Tensor");
   m.def("grouped_swiglu_backward(Tensor grad_out, Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> (Tensor, Tensor, Tensor)");
@@ -416,7 +419,7 @@ TORCH_LIBRARY(moe_resilient, m) {
 
 TORCH_LIBRARY_IMPL(moe_resilient, CPU, m) {
   m.impl("route_to_slots", &route_to_slots);
-  m.impl("router_topk", &router_topk);
+  m.impl("route_tokens", &route_tokens);
   m.impl("grouped_swiglu", &grouped_swiglu);
   m.impl("grouped_swiglu_combine", &grouped_swiglu_combine);
   m.impl("grouped_swiglu_backward", &grouped_swiglu_backward);
