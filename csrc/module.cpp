@@ -19,8 +19,8 @@ bool skinny_gemm_avx512_enabled();
 bool skinny_gemm_allow_avx512(bool allowed);
 }  // namespace moe_resilient
 
-// The streaming kernel's AVX-512 tiles run only on CPUs with AVX-512; tests switch them off to run the
-// AVX2 tiles on such CPUs too.
+// The streaming kernel's AVX-512 code (fp32 tiles, bf16 dot products) runs only on CPUs that have it;
+// tests switch it off to run the AVX2 code on such CPUs too.
 static PyObject* skinny_avx512_enabled(PyObject*, PyObject*) {
   return PyBool_FromLong(moe_resilient::skinny_gemm_avx512_enabled());
 }
@@ -34,9 +34,9 @@ static PyObject* allow_skinny_avx512(PyObject*, PyObject* arg) {
 static PyMethodDef methods[] = {
     {"built_with_openmp", built_with_openmp, METH_NOARGS, "Whether the kernels were compiled with OpenMP."},
     {"skinny_avx512_enabled", skinny_avx512_enabled, METH_NOARGS,
-     "Whether the streaming kernel uses AVX-512 tiles (the CPU has AVX-512 and they are allowed)."},
+     "Whether the streaming kernel uses its AVX-512 code (the CPU has AVX-512 and it is allowed)."},
     {"allow_skinny_avx512", allow_skinny_avx512, METH_O,
-     "allow_skinny_avx512(allowed) -> the previous setting. Off: AVX2 tiles even where AVX-512 exists."},
+     "allow_skinny_avx512(allowed) -> the previous setting. Off: AVX2 code even where AVX-512 exists."},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {

@@ -13,8 +13,8 @@ H, I, E = 32, 48, 8
 
 @pytest.fixture(params=["training", "inference"])
 def run(request):
-    """layer(x) with autograd on (experts, unsort and combine as separate ops), or off (no_grad: the
-    fused grouped_swiglu_combine op)."""
+    """layer(x) with autograd on (router, experts, unsort and combine as separate ops), or off (no_grad:
+    the fused route_tokens and grouped_swiglu_combine ops)."""
     def forward(layer, x):
         with torch.set_grad_enabled(request.param == "training"):
             return layer(x)

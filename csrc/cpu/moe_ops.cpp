@@ -153,8 +153,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits_in, int
 // experts through the caches every call is slow (an ATen call 40-80 us, a BLAS bf16 GEMV ~190 us, the
 // Python gate module ~200 us, where the whole 1-token bf16 step is ~900 us): hence one call.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_tokens(
-    const at::Tensor& x_in, const at::Tensor& weight, int64_t k, bool normalize, const std::optional<at::Tensor>& log2phy,
-    const std::optional<at::Tensor>& logcnt, int64_t num_slots, bool strict, const std::optional<at::Tensor>& load) {
+    const at::Tensor& x_in, const at::Tensor& weight, int64_t k, bool normalize,
+    const std::optional<at::Tensor>& log2phy, const std::optional<at::Tensor>& logcnt, int64_t num_slots, bool strict,
+    const std::optional<at::Tensor>& load) {
   TORCH_CHECK(x_in.dim() == 2 && weight.dim() == 2 && x_in.size(1) == weight.size(1),
               "route_tokens: x must be [T, H] and weight [E, H], got ", x_in.sizes(), " and ", weight.sizes());
   TORCH_CHECK(x_in.scalar_type() == weight.scalar_type(), "route_tokens: x and weight dtypes differ");

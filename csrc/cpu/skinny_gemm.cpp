@@ -12,8 +12,8 @@ namespace moe_resilient {
 // csrc/cpu/skinny_gemm_avx512.cpp; fp32 weights, tiles t0..t1 of 6 weight rows, x rows in passes of 4.
 void skinny_tiles_avx512(const float* x, int64_t M, int64_t K, const float* W, int64_t N, float* y, int64_t t0,
                          int64_t t1);
-// Same file, bf16 x and W with AVX512_BF16: weight rows n0..n1 one at a time (1-2 rows of x), and
-// tiles of 6 weight rows.
+// csrc/cpu/skinny_gemm_bf16.cpp, bf16 x and W with AVX512_BF16: weight rows n0..n1 one at a time (1-2
+// rows of x), and tiles t0..t1 of 6 weight rows.
 void rows_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t n0,
                  int64_t n1);
 void skinny_tiles_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t t0,
@@ -27,17 +27,18 @@ void skinny_tiles_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t
 namespace moe_resilient {
 namespace {
 
-struct Vec256 {
-  using reg = __m256;
+struct Vec256 {  // fp32 x; fp32 weights, or bf16 weights widened on load
+  using acc = __m256;
   static constexpr int64_t width = 8;
-  static inline reg zero() { return _mm256_setzero_ps(); }
-  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline reg load(const uint16_t* p) {  // bf16 bits -> fp32: zero-extend, shift into the high half
+  static inline acc zero() { return _mm256_setzero_ps(); }
+  static inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline __m256 load(const uint16_t* p) {  // bf16 bits -> fp32: zero-extend, shift into the high half
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
   }
-  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline float hsum(reg v) {
+  static inline acc madd(acc a, __m256 x, __m256 w) { return _mm256_fmadd_ps(x, w, a); }
+  static inline acc add(acc a, acc b) { return _mm256_add_ps(a, b); }
+  static inline float hsum(acc v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
@@ -52,38 +53,15 @@ struct Vec256 {
 namespace moe_resilient {
 namespace {
 
-// y[m, n] for m < M and one weight row w = W[n]: the row streams from memory once, the other rows of x
-// reuse it from L1. Four accumulators cover one 64-byte line of fp32 x per step.
 template <typename W_t>
-void row_dots(const float* x, int64_t M, int64_t K, const W_t* w, float* y, int64_t N) {
-  using V = Vec256;
-  const int64_t K32 = K - K % 32, K8 = K - K % 8;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * K;
-    __m256 a0 = V::zero(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k < K32; k += 32) {
-      a0 = V::fma(V::load(xm + k), V::load(w + k), a0);
-      a1 = V::fma(V::load(xm + k + 8), V::load(w + k + 8), a1);
-      a2 = V::fma(V::load(xm + k + 16), V::load(w + k + 16), a2);
-      a3 = V::fma(V::load(xm + k + 24), V::load(w + k + 24), a3);
-    }
-    for (; k < K8; k += 8) a0 = V::fma(V::load(xm + k), V::load(w + k), a0);
-    float s = V::hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; ++k) s += xm[k] * to_float(w[k]);
-    y[m * N] = s;
-  }
-}
-
-template <typename W_t>
-void row_range(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) row_dots(x, M, K, W + n * K, y + n, N);
+void row_dots_avx2(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y, int64_t n0, int64_t n1) {
+  row_dots<Vec256>(x, M, K, W, N, y, n0, n1);
 }
 
 template <typename W_t>
 void column_tiles_avx2(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y, int64_t mr,
                        int64_t nr, int64_t t0, int64_t t1) {
-  column_tiles<Vec256, W_t>(x, M, K, W, N, y, mr, nr, t0, t1);
+  column_tiles<Vec256>(x, M, K, W, N, y, mr, nr, t0, t1);
 }
 
 }  // namespace
@@ -116,7 +94,7 @@ bool cpu_has_avx512_bf16() {
 template <typename W_t>
 void skinny(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y) {
   if (M <= 3) {
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { row_range(x, M, K, W, N, y, n0, n1); });
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { row_dots_avx2(x, M, K, W, N, y, n0, n1); });
     return;
   }
   const bool avx512 = std::is_same_v<W_t, float> && M >= 8 && skinny_gemm_avx512_enabled();

@@ -5,7 +5,7 @@
 // Both cores stream disjoint weight rows: 1-3 rows of x take one weight row at a time, more rows a
 // register tile that reuses each weight vector across x rows (skinny_gemm.cpp says which, and why).
 // AVX2+FMA (checked at run time; callers fall back to at::mm without it); AVX-512 and AVX512_BF16 code
-// where the CPU has them (skinny_gemm_avx512.cpp).
+// where the CPU has them (skinny_gemm_avx512.cpp, skinny_gemm_bf16.cpp).
 #pragma once
 
 #include <c10/util/BFloat16.h>
