@@ -85,15 +85,16 @@ bool cpu_has_avx512_bf16() {
 }
 
 // Shapes chosen by measuring on weights streamed from memory (rows of 1024-2048 fp32 or bf16):
-// - 1-3 rows: one weight row at a time, a single sequential stream per core. Register tiles over
+// - 1-2 rows: one weight row at a time, a single sequential stream per core. Register tiles over
 //   several weight rows read short interleaved streams, which the hardware prefetcher follows worse:
 //   bf16 at 1 row streamed at 16 GB/s that way, at the 32 GB/s of a plain sum this way.
-// - 4-7 rows: a 2x4 tile (2 x rows, 4 weight rows), 1.2x the speed of 4x3 at 4 rows.
+// - 3-7 rows: a 2x4 tile (2 x rows, 4 weight rows), 1.2x the speed of 4x3 at 4 rows; with the next
+//   tile prefetched into L2 (skinny_tile.h), 3 rows stream at 27 GB/s here against 18 one row at a time.
 // - from 8 rows: fp32 weights with AVX-512, a 4x6 tile of zmm registers; else a 4x3 tile, the most
 //   reuse of each weight load within the 16 ymm registers.
 template <typename W_t>
 void skinny(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y) {
-  if (M <= 3) {
+  if (M <= 2) {
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { row_dots_avx2(x, M, K, W, N, y, n0, n1); });
     return;
   }

@@ -2,7 +2,7 @@
 //
 // BLAS packs W before a GEMM, which for small M costs as much as the GEMM itself: per expert slot it
 // measured 2-4x slower than this kernel at 4-16 rows and still ~1.2x at 128 (benchmarks/RESULTS.md).
-// Both cores stream disjoint weight rows: 1-3 rows of x take one weight row at a time, more rows a
+// Both cores stream disjoint weight rows: 1-2 rows of x take one weight row at a time, more rows a
 // register tile that reuses each weight vector across x rows (skinny_gemm.cpp says which, and why).
 // AVX2+FMA (checked at run time; callers fall back to at::mm without it); AVX-512 and AVX512_BF16 code
 // where the CPU has them (skinny_gemm_avx512.cpp, skinny_gemm_bf16.cpp).
