@@ -242,6 +242,25 @@ def test_grouped_swiglu_mixes_kernel_paths_in_one_call(dtype, tiles):
     assert torch.equal(got[-2:], torch.zeros(2, h))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, 700])  # the streaming kernel's activation pass; BLAS's
+def test_grouped_swiglu_activation_at_extreme_gates(dtype, rows):
+    """The fused activation's exp: gates far past its clamp (|g| up to 300) give silu(g) * up as in float64
+    within a rounding, and a row with a NaN stays NaN. Weights [eye * 300; eye] make gate = 300 x, up = x,
+    and w2 = eye returns the activation itself."""
+    n = 16
+    w13 = torch.cat([300 * torch.eye(n), torch.eye(n)]).unsqueeze(0).to(dtype)
+    w2 = torch.eye(n).unsqueeze(0).to(dtype)
+    x = torch.linspace(-1, 1, rows * n).reshape(rows, n).to(dtype)
+    x[1, 5] = float("nan")
+    offsets = torch.tensor([0, rows])
+    got = ops.grouped_swiglu(x, offsets, w13, w2).double()
+    want = ops.grouped_swiglu_reference(x.double(), offsets, w13.double(), w2.double())
+    assert torch.isnan(got[1]).all() and torch.isnan(want[1]).all()  # 0 * nan: the whole row
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+
+
 @pytest.mark.parametrize("route", [ops.route_to_slots, ops.route_to_slots_reference])
 def test_route_to_slots_strict_raises_on_uncovered_expert(route):
     log2phy, logcnt = _placement()  # expert 3 has no live replica

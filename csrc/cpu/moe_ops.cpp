@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include "skinny_gemm.h"
+#include "swiglu_act.h"
 
 #include <algorithm>
 #include <array>
@@ -214,6 +215,31 @@ int64_t skinny_max_rows(at::ScalarType dtype) {
   return dtype == at::kFloat && skinny_gemm_avx512_enabled() ? 512 : 128;
 }
 
+// act [n, I] = silu(h[:, :I]) * h[:, I:] for h [n, 2I]; act float or bf16, h float or (with act) bf16.
+// One AVX2 pass (swiglu_act.h) where the CPU has it, else ATen's three.
+void swiglu_into(const at::Tensor& h, at::Tensor& act) {
+  const int64_t n = h.size(0), I = act.size(1);
+  const bool f32_in = h.scalar_type() == at::kFloat, f32_out = act.scalar_type() == at::kFloat;
+  const bool fast = skinny_gemm_available() && h.is_contiguous() && act.is_contiguous() &&
+                    (f32_in || h.scalar_type() == at::kBFloat16) && (f32_out || act.scalar_type() == at::kBFloat16) &&
+                    (f32_in || !f32_out);
+  if (!fast) {
+    act.copy_(at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I)));
+    return;
+  }
+  const auto bits = [](const at::Tensor& t, int64_t offset) {
+    return reinterpret_cast<uint16_t*>(t.data_ptr<c10::BFloat16>()) + offset;
+  };
+  at::parallel_for(0, n, std::max<int64_t>(1, 8192 / I), [&](int64_t r0, int64_t r1) {
+    if (f32_in && f32_out)
+      swiglu_act(h.data_ptr<float>() + r0 * 2 * I, r1 - r0, I, act.data_ptr<float>() + r0 * I);
+    else if (f32_in)
+      swiglu_act(h.data_ptr<float>() + r0 * 2 * I, r1 - r0, I, bits(act, r0 * I));
+    else
+      swiglu_act(bits(h, r0 * 2 * I), r1 - r0, I, bits(act, r0 * I));
+  });
+}
+
 template <typename Fn>
 void for_each_busy_slot(const std::vector<int64_t>& off, Fn fn) {
   for (size_t s = 0; s + 1 < off.size(); ++s)
@@ -256,13 +282,11 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
     else
       runs.emplace_back(a, a + n);
   }
-  auto act = at::empty({M, I}, opts);
-  for (const auto& [a, b] : runs) {  // act = silu(gate) * up
-    const auto hr = h.narrow(0, a, b - a);
-    auto ar = act.narrow(0, a, b - a);
-    at::silu_out(ar, hr.narrow(1, 0, I)).mul_(hr.narrow(1, I, I));
+  auto act_in = at::empty({M, I}, opts.dtype(dot ? at::kBFloat16 : at::kFloat));
+  for (const auto& [a, b] : runs) {
+    auto ar = act_in.narrow(0, a, b - a);
+    swiglu_into(h.narrow(0, a, b - a), ar);
   }
-  const auto act_in = dot ? act.to(at::kBFloat16) : act;
   const bool direct = out.scalar_type() == at::kFloat;  // write straight into out
   auto yf = direct ? out : at::empty({M, H}, opts);
   for (const auto& [s, a, n] : small)
@@ -308,7 +332,8 @@ at::Tensor grouped_swiglu(const at::Tensor& x_in, const at::Tensor& offsets, con
   for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
     if (skinny && n <= max_rows) return;  // done above
     const auto h = at::mm(compute(x.narrow(0, a, n)), compute(w13[s]).t());  // [n, 2I]
-    const auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I));
+    auto act = at::empty({n, I}, h.options());
+    swiglu_into(h, act);
     auto dst = out.narrow(0, a, n);
     if (widen)
       dst.copy_(at::mm(act, compute(w2[s]).t()));
