@@ -24,24 +24,19 @@ inline float bf16_bits_to_float(uint16_t b) {
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return bf16_bits_to_float(v); }
 
-// Where a tile pass prefetches the next tile's weight rows: pass `pass` of `passes` over the x rows
-// pulls in the pass-th share of them, so memory stays busy through all passes instead of only the first
-// (at 8-16 rows, 1.2x the speed of prefetching everything in the first pass). Up to 8 rows of x the
-// tiles barely compute and wait on memory: prefetching into L2, not L1, keeps more lines in flight (a
-// core has far fewer L1 than L2 miss buffers): bf16 at 3-8 rows streamed 1.2-1.6x faster on a Zen 4,
-// while from 16 rows prefetching into L1 is as fast or faster.
+// Where a tile pass prefetches: pass `pass` of `passes` over the x rows pulls the pass-th share of the
+// next tile's weight rows, so memory stays busy through all passes instead of only the first (at 8-16
+// rows, 1.2x the speed of prefetching everything in the first pass), and the same share of the tile
+// after it into L2. A core has far fewer L1 than L2 miss buffers, so rows fetched from memory straight
+// into L1 arrive too slowly for a tile that barely computes: up to 8 rows of x the next tile goes to L2
+// as well (bf16 at 3-8 rows streamed 1.2-1.6x faster on a Zen 4 than into L1), from 16 rows into L1.
+// Staging the tile after next in L2 gained another ~8% at 3-13 rows of bf16 (interleaved runs).
 struct Prefetch {
-  const void* next;  // first weight row of the next tile; nullptr: none
+  const void* next;   // first weight row of the next tile; nullptr: none
+  const void* after;  // first weight row of the tile after it; nullptr: none
   int64_t pass, passes;
-  bool to_l2;
+  bool next_to_l2;
 };
-
-inline void prefetch(const void* p, bool to_l2) {
-  if (to_l2)
-    __builtin_prefetch(p, 0, 2);
-  else
-    __builtin_prefetch(p, 0, 3);
-}
 
 // One tile: rows m0..m0+MR of x [M, K] against rows n0..n0+NR of W [N, K] into y [M, N] (fp32).
 // Compile-time sizes keep the accumulators in registers.
@@ -57,6 +52,7 @@ void tile(const X_t* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t
     for (int64_t j = 0; j < nr; ++j) acc[i][j] = V::zero();
   const int64_t Kv = K - K % width;
   const W_t* next = static_cast<const W_t*>(pf.next);
+  const W_t* after = static_cast<const W_t*>(pf.after);
   int64_t pf_wait = 1, pf_k = pf.pass * (K / pf.passes);  // one prefetch per row every `passes` steps
   for (int64_t k = 0; k < Kv; k += width) {
     decltype(V::load(W)) w[NR];
@@ -65,7 +61,13 @@ void tile(const X_t* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t
     if (next != nullptr && --pf_wait == 0) {
       pf_wait = pf.passes;
 #pragma GCC unroll 8
-      for (int64_t j = 0; j < nr; ++j) prefetch(next + j * K + pf_k, pf.to_l2);
+      for (int64_t j = 0; j < nr; ++j) {
+        if (pf.next_to_l2)
+          __builtin_prefetch(next + j * K + pf_k, 0, 2);
+        else
+          __builtin_prefetch(next + j * K + pf_k, 0, 3);
+        if (after != nullptr) __builtin_prefetch(after + j * K + pf_k, 0, 1);
+      }
       pf_k += width;
     }
 #pragma GCC unroll 8
@@ -120,9 +122,10 @@ void column_tiles(const X_t* x, int64_t M, int64_t K, const W_t* W, int64_t N, f
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * nr, ncols = N - n0 < nr ? N - n0 : nr;
     const W_t* next = (t + 1 < t1 && n0 + 2 * nr <= N) ? W + (n0 + nr) * K : nullptr;
+    const W_t* after = (t + 2 < t1 && n0 + 3 * nr <= N) ? W + (n0 + 2 * nr) * K : nullptr;
     for (int64_t p = 0, m0 = 0; p < passes; ++p) {
       const int64_t rows = base + (p < longer ? 1 : 0);
-      tile_any<V, X_t, W_t>(x, m0, rows, K, W, n0, ncols, N, y, Prefetch{next, p, passes, M <= 8});
+      tile_any<V, X_t, W_t>(x, m0, rows, K, W, n0, ncols, N, y, Prefetch{next, after, p, passes, M <= 8});
       m0 += rows;
     }
   }
