@@ -72,7 +72,8 @@ void act_rows(const H_t* h, int64_t rows, int64_t I, A_t* act) {
     A_t* out = act + r * I;
     for (int64_t i = 0; i < I8; i += 8) {
       const __m256 g = load8(gate + i);
-      const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g));
+      const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
       store8(out + i, _mm256_mul_ps(silu, load8(up + i)));
     }
     for (int64_t i = I8; i < I; ++i) {
