@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from moe_resilient import ops
+from moe_resilient.ops import combine
 from moe_resilient.experts import SlotExperts, SwiGLU
 from moe_resilient.placement import ExpertPlacement, PlacementError
 
@@ -80,16 +81,6 @@ class MoEConfig:
 
     def replace(self, **changes) -> MoEConfig:
         return dataclasses.replace(self, **changes)
-
-
-def combine(topk_weights: torch.Tensor, slot_ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over k: topk_weights [T, K], slot_ids [T, K], expert outputs y [T*K, H] in
-    (token, k) order -> [T, H]. A degraded step (slot -1: no live replica) rescales the surviving
-    entries to the full top-k mass (exactly 1 when all are live)."""
-    T, K = slot_ids.shape
-    weights = torch.where(slot_ids >= 0, topk_weights, 0.0)
-    weights = weights * (topk_weights.sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1e-20))
-    return torch.bmm(weights.unsqueeze(1), y.view(T, K, y.shape[-1]).float()).squeeze(1).to(y.dtype)
 
 
 class TopKRouter(nn.Module):

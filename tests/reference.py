@@ -19,7 +19,7 @@ def reference_moe(layer: ResilientMoE, x: torch.Tensor, w13=None, w2=None) -> to
     flat = x.reshape(-1, x.shape[-1])
     _, topk_weights, topk_ids = layer.gate(flat)
     inter = w13.shape[1] // 2
-    out = torch.zeros(flat.shape, dtype=torch.float32)
+    out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
     for e in range(w13.shape[0]):
         token, k = torch.where(topk_ids == e)
         if token.numel() == 0:

@@ -275,3 +275,66 @@ def test_kernels_built_with_openmp():
     from moe_resilient import _C
 
     assert _C.built_with_openmp()
+
+
+# The plain PyTorch implementations are the ops' kernels on CUDA (tests/test_cuda.py runs them there):
+# here, on CPU, they must agree with the C++ kernels, errors included.
+def _routed(tokens=11, k=2):
+    log2phy, logcnt = _placement()
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])
+    return ids, log2phy, logcnt
+
+
+def test_reference_kernels_equal_cpp_kernels():
+    ids, log2phy, logcnt = _routed()
+    x = torch.randn(ids.shape[0], H, dtype=torch.float64)
+    w13, w2 = torch.randn(S, 2 * I, H, dtype=torch.float64), torch.randn(S, H, I, dtype=torch.float64)
+    slot_ids, order, offsets = ops.route_to_slots(ids, log2phy, logcnt, S)
+    weights = torch.rand(ids.shape)
+    pairs = [
+        (ops.route_to_slots, ops.route_to_slots_reference, (ids, log2phy, logcnt, S)),
+        (ops.route_to_slots, ops.route_to_slots_reference, (ids, None, None, E)),
+        (ops.route_tokens, ops.route_tokens_reference, (x, torch.randn(E, H, dtype=torch.float64), 2, True,
+                                                        log2phy, logcnt, S)),
+        (ops.grouped_swiglu_combine, ops.grouped_swiglu_combine_reference,
+         (x, order, offsets, slot_ids, weights, w13, w2)),
+        (torch.ops.moe_resilient.grouped_swiglu_backward, ops.grouped_swiglu_backward_reference,
+         (torch.randn(ids.numel(), H, dtype=torch.float64), x.repeat(2, 1), offsets, w13, w2)),
+    ]
+    for cpp, ref, args in pairs:
+        for got, want in zip(cpp(*args), ref(*args)):  # routing weights are float32 in both
+            tol = {torch.float64: 1e-9, torch.float32: 1e-6}.get(got.dtype, 0)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "reference"])
+def test_kernels_reject_bad_input_alike(impl):
+    """Each bad input raises the same RuntimeError from both kernels, and a rejected call counts no load."""
+    ids, log2phy, logcnt = _routed(5)
+    route = ops.route_to_slots if impl == "cpp" else ops.route_to_slots_reference
+    tokens = ops.route_tokens if impl == "cpp" else ops.route_tokens_reference
+    swiglu = ops.grouped_swiglu if impl == "cpp" else ops.grouped_swiglu_reference
+    fused = ops.grouped_swiglu_combine if impl == "cpp" else ops.grouped_swiglu_combine_reference
+    load = torch.zeros(E, dtype=torch.long)
+    broken_l2p = log2phy.clone()
+    broken_l2p[1, 1] = S + 3
+    cases = [
+        (lambda: route(ids[0], log2phy, logcnt, S), r"topk_ids must be \[T, K\]"),
+        (lambda: route(ids, log2phy, None, S), "pass both log2phy and logcnt or neither"),
+        (lambda: route(torch.tensor([[0, 9]]), log2phy, logcnt, S, load=load), "expert id 9 out of range"),
+        (lambda: route(torch.tensor([[1], [1]]), broken_l2p, logcnt, S, load=load), r"log2phy\[1\] names slot 9"),
+        (lambda: route(torch.tensor([[3]]), log2phy, logcnt, S, True, load), "expert 3 has no live replica"),
+        (lambda: route(ids, log2phy, logcnt, S, load=torch.zeros(E + 1, dtype=torch.long)), "load must be"),
+        (lambda: tokens(torch.randn(5, H), torch.randn(E, H), E + 1, True, log2phy, logcnt, S), r"k = 5 outside"),
+        (lambda: tokens(torch.randn(5, H), torch.randn(E, H + 1), 2, True, log2phy, logcnt, S), "x must be"),
+        (lambda: swiglu(torch.randn(3, H + 1), torch.zeros(S + 1, dtype=torch.long), torch.randn(S, 2 * I, H),
+                        torch.randn(S, H, I)), "hidden size"),
+        (lambda: swiglu(torch.randn(3, H), torch.tensor([0, 2, 1, 3, 3, 3, 3]), torch.randn(S, 2 * I, H),
+                        torch.randn(S, H, I)), "non-decreasing"),
+        (lambda: fused(torch.randn(5, H), torch.zeros(10, dtype=torch.long), torch.zeros(S + 1, dtype=torch.long),
+                       ids, torch.rand(5, 2), torch.randn(S, 2 * I, H), torch.randn(S, H, I)), "not a permutation"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    assert load.tolist() == [0] * E

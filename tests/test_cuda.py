@@ -1,0 +1,113 @@
+"""The layer on a CUDA device, where the ops run their plain PyTorch kernels (ops.py; csrc/ has CPU
+kernels only): equal to the same layer on CPU forward and backward, compiled with zero recompiles
+across placement edits, the ops pass opcheck there, and a swapped HF model gives the original logits.
+Skipped without a GPU."""
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+
+from moe_resilient import MoEConfig, ResilientMoE, ops
+from reference import reference_moe
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+H, I, E = 32, 48, 8
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """TF32 off: the comparisons against CPU are at fp32 tolerances."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _layers(dtype=torch.float32):
+    torch.manual_seed(0)
+    cpu = ResilientMoE(MoEConfig(H, I, E, 2, num_slots=E + 4, world_size=3, shared_intermediate_size=16,
+                                 shared_expert_gate=True), dtype=dtype)
+    cpu.add_replica(0, 8)
+    cpu.add_replica(5, 9)
+    return cpu, copy.deepcopy(cpu).cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_equals_cpu(dtype):
+    cpu, gpu = _layers(dtype)
+    x = torch.randn(37, H, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():  # serving: grouped_swiglu_combine
+        torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=tol, atol=tol)
+        gpu.placement.clear(0)  # expert 0 now served by its replica only
+        cpu.placement.clear(0)
+        torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=tol, atol=tol)
+    assert torch.equal(gpu.expert_load.cpu(), cpu.expert_load)
+
+
+def test_backward_equals_cpu():
+    cpu, gpu = _layers()
+    x = torch.randn(29, H, requires_grad=True)
+    xg = x.detach().cuda().requires_grad_()
+    cpu(x).square().sum().backward()
+    gpu(xg).square().sum().backward()
+    torch.testing.assert_close(xg.grad.cpu(), x.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compiled_placement_edits_never_recompile():
+    torch._dynamo.reset()
+    _, layer = _layers()
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(24, H, device="cuda")
+    addresses = {n: t.data_ptr() for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
+    edits = [lambda: layer.add_replica(3, 10), lambda: layer.move_expert(4, 11), lambda: layer.placement.clear(8)]
+    with torch.no_grad():
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for edit in edits:
+                edit()
+                torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(compiled(x), reference_moe(layer, x), rtol=1e-5, atol=1e-5)
+    assert {n: t.data_ptr() for n, t in [*layer.named_parameters(), *layer.named_buffers()]} == addresses
+    torch._dynamo.reset()
+
+
+def test_opcheck_on_cuda():
+    _, layer = _layers()
+    p = layer.placement
+    x = torch.randn(7, H, device="cuda")
+    ids = torch.randint(0, E, (7, 2), device="cuda")
+    slot_ids, order, offsets = ops.route_to_slots(ids, p.log2phy, p.logcnt, layer.config.num_slots)
+    w13, w2 = layer.experts.w13.detach(), layer.experts.w2.detach()
+    m = torch.ops.moe_resilient
+    torch.library.opcheck(m.route_to_slots, (ids, p.log2phy, p.logcnt, layer.config.num_slots, False,
+                                             layer.expert_load))
+    torch.library.opcheck(m.route_tokens, (x, layer.gate.weight.detach(), 2, True, p.log2phy, p.logcnt,
+                                           layer.config.num_slots))
+    torch.library.opcheck(m.grouped_swiglu, (x[order // 2].requires_grad_(), offsets, w13.requires_grad_(),
+                                             w2.requires_grad_()))
+    torch.library.opcheck(m.grouped_swiglu_combine, (x, order, offsets, slot_ids, torch.rand(7, 2, device="cuda"),
+                                                     w13, w2))
+    with pytest.raises(RuntimeError, match="expert id 9 out of range"):
+        ops.route_to_slots(torch.tensor([[9]], device="cuda"), p.log2phy, p.logcnt, layer.config.num_slots)
+
+
+def test_swapped_hf_model_on_cuda():
+    transformers = pytest.importorskip("transformers")
+    from moe_resilient.hf import swap_moe_blocks
+
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)).cuda().eval()
+    ids = torch.randint(3, 96, (2, 12), device="cuda")
+    with torch.no_grad():
+        want = model(ids).logits
+        swapped = swap_moe_blocks(model, num_slots=10)
+        assert swapped and all(model.get_submodule(n).experts.w13.is_cuda for n in swapped)
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
