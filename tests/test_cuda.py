@@ -89,8 +89,8 @@ def test_opcheck_on_cuda():
                                              layer.expert_load))
     torch.library.opcheck(m.route_tokens, (x, layer.gate.weight.detach(), 2, True, p.log2phy, p.logcnt,
                                            layer.config.num_slots))
-    torch.library.opcheck(m.grouped_swiglu, (x[order // 2].requires_grad_(), offsets, w13.requires_grad_(),
-                                             w2.requires_grad_()))
+    trainable = [t.clone().requires_grad_() for t in (x[order // 2], w13, w2)]
+    torch.library.opcheck(m.grouped_swiglu, (trainable[0], offsets, *trainable[1:]))
     torch.library.opcheck(m.grouped_swiglu_combine, (x, order, offsets, slot_ids, torch.rand(7, 2, device="cuda"),
                                                      w13, w2))
     with pytest.raises(RuntimeError, match="expert id 9 out of range"):
