@@ -1,5 +1,6 @@
 """Python side of the C++ ops in csrc/: fake kernels (so torch.compile traces them), autograd, and
-plain-PyTorch reference implementations used by tests and benchmarks."""
+plain-PyTorch implementations of every op: the references tests and benchmarks check the C++ kernels
+against, registered as the ops' CUDA kernels too (csrc/ has CPU kernels only)."""
 
 from __future__ import annotations
 
