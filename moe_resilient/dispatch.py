@@ -21,7 +21,8 @@ from torch import nn
 
 from moe_resilient import planner
 from moe_resilient.group import ElasticGroup, RankFailure
-from moe_resilient.layer import ResilientMoE, combine
+from moe_resilient.layer import ResilientMoE
+from moe_resilient.ops import combine
 from moe_resilient.recovery import RecoveryReport, recover
 from moe_resilient.shadow import ShadowStore, resilient_layers
 

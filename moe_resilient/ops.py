@@ -51,7 +51,7 @@ def grouped_swiglu_combine(
 ) -> torch.Tensor:
     """Inference only (no autograd): x [T, H] and route_to_slots' (order, offsets, slot_ids [T, K]) with
     topk_weights [T, K] float32 -> [T, H], the same as gathering x's rows, grouped_swiglu, restoring
-    (token, k) order and ``layer.combine``, in one call."""
+    (token, k) order and ``combine`` (``gather_experts_combine``), in one call."""
     return _ops.grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2)
 
 
@@ -122,6 +122,14 @@ def combine(topk_weights: torch.Tensor, slot_ids: torch.Tensor, y: torch.Tensor)
     return torch.bmm(weights.unsqueeze(1), y.view(T, K, y.shape[-1]).float()).squeeze(1).to(y.dtype)
 
 
+def gather_experts_combine(x, order, offsets, slot_ids, topk_weights, experts) -> torch.Tensor:
+    """What grouped_swiglu_combine computes, step by step: x [T, H]'s rows gathered in slot order,
+    ``experts(rows, offsets)`` -> [T*K, H] (any grouped SwiGLU: the layer's differentiable one, or the
+    reference), put back in (token, k) order, and ``combine``d -> [T, H]."""
+    y_rows = experts(x[order // slot_ids.shape[1]], offsets)
+    return combine(topk_weights, slot_ids, torch.empty_like(y_rows).index_copy_(0, order, y_rows))
+
+
 def _first(ids: torch.Tensor, bad: torch.Tensor) -> int:
     return int(ids[bad][0])
 
@@ -145,7 +153,7 @@ def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False,
     if load is not None and (load.dim() != 1 or load.shape[0] != E or load.dtype != torch.long
                              or not load.is_contiguous()):
         raise RuntimeError(f"route_to_slots: load must be a contiguous int64 [{E}], got {list(load.shape)}")
-    T, K = topk_ids.shape
+    T = topk_ids.shape[0]
     ids = topk_ids.reshape(-1)
     out_of_range = (ids < 0) | (ids >= E)
     if bool(out_of_range.any()):
@@ -178,8 +186,9 @@ def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False,
     return slot_ids, order, offsets
 
 
-def _check_grouped(x, offsets, w13, w2) -> list[int]:
-    """The C++ op's checks (grouped_swiglu and its backward); returns offsets as a list."""
+def _busy_slots(x, offsets, w13, w2) -> list[tuple[int, int, int]]:
+    """The C++ op's checks (grouped_swiglu and its backward), then (slot, first row, end row) of every
+    slot that has rows."""
     if x.dim() != 2:
         raise RuntimeError(f"grouped_swiglu: x must be [N, H], got {list(x.shape)}")
     if w13.dim() != 3 or w2.dim() != 3:
@@ -198,41 +207,37 @@ def _check_grouped(x, offsets, w13, w2) -> list[int]:
         raise RuntimeError(f"grouped_swiglu: offsets outside [0, {x.shape[0]}]")
     if any(b < a for a, b in zip(bounds, bounds[1:])):
         raise RuntimeError("grouped_swiglu: offsets must be non-decreasing")
-    return bounds
+    return [(s, a, b) for s, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
 
 
 def grouped_swiglu_reference(x, offsets, w13, w2):
-    bounds = _check_grouped(x, offsets, w13, w2)
+    busy = _busy_slots(x, offsets, w13, w2)
     out = torch.zeros_like(x)
     inter = w13.shape[1] // 2
-    for s in range(w13.shape[0]):
-        a, b = bounds[s], bounds[s + 1]
-        if b > a:
-            h = x[a:b] @ w13[s].t()
-            out[a:b] = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[s].t()
+    for s, a, b in busy:
+        h = x[a:b] @ w13[s].t()
+        out[a:b] = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[s].t()
     return out
 
 
 def grouped_swiglu_backward_reference(grad_out, x, offsets, w13, w2):
     """(grad_x, grad_w13, grad_w2) of grouped_swiglu, recomputing each slot's activations."""
-    bounds = _check_grouped(x, offsets, w13, w2)
+    busy = _busy_slots(x, offsets, w13, w2)
     if grad_out.shape != x.shape:
         raise RuntimeError("grouped_swiglu_backward: grad_out must match x")
     inter = w13.shape[1] // 2
     grad_x, grad_w13, grad_w2 = torch.zeros_like(x), torch.zeros_like(w13), torch.zeros_like(w2)
-    for s in range(w13.shape[0]):
-        a, b = bounds[s], bounds[s + 1]
-        if b > a:
-            xs, go = x[a:b], grad_out[a:b]
-            h = xs @ w13[s].t()
-            g, u = h[:, :inter], h[:, inter:]
-            sig = torch.sigmoid(g)
-            silu = g * sig
-            grad_w2[s] = go.t() @ (silu * u)
-            grad_act = go @ w2[s]
-            grad_h = torch.cat([grad_act * u * sig * (1 + g * (1 - sig)), grad_act * silu], dim=1)
-            grad_w13[s] = grad_h.t() @ xs
-            grad_x[a:b] = grad_h @ w13[s]
+    for s, a, b in busy:
+        xs, go = x[a:b], grad_out[a:b]
+        h = xs @ w13[s].t()
+        g, u = h[:, :inter], h[:, inter:]
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        grad_w2[s] = go.t() @ (silu * u)
+        grad_act = go @ w2[s]
+        grad_h = torch.cat([grad_act * u * sig * (1 + g * (1 - sig)), grad_act * silu], dim=1)
+        grad_w13[s] = grad_h.t() @ xs
+        grad_x[a:b] = grad_h @ w13[s]
     return grad_x, grad_w13, grad_w2
 
 
@@ -248,8 +253,8 @@ def grouped_swiglu_combine_reference(x, order, offsets, slot_ids, topk_weights, 
         raise RuntimeError(f"grouped_swiglu_combine: topk_weights must be float32 {list(slot_ids.shape)}")
     if not torch.equal(torch.sort(order).values, torch.arange(T * K, device=order.device)):
         raise RuntimeError(f"grouped_swiglu_combine: order is not a permutation of [0, {T * K})")
-    y_rows = grouped_swiglu_reference(x[order // K], offsets, w13, w2)
-    return combine(topk_weights, slot_ids, torch.empty_like(y_rows).index_copy_(0, order, y_rows))
+    return gather_experts_combine(x, order, offsets, slot_ids, topk_weights,
+                                  lambda rows, offsets: grouped_swiglu_reference(rows, offsets, w13, w2))
 
 
 def route_tokens_reference(x, weight, k, normalize, log2phy, logcnt, num_slots, strict=False, load=None):

@@ -220,9 +220,9 @@ int64_t skinny_max_rows(at::ScalarType dtype) {
 void swiglu_into(const at::Tensor& h, at::Tensor& act) {
   const int64_t n = h.size(0), I = act.size(1);
   const bool f32_in = h.scalar_type() == at::kFloat, f32_out = act.scalar_type() == at::kFloat;
-  const bool fast = skinny_gemm_available() && h.is_contiguous() && act.is_contiguous() &&
-                    (f32_in || h.scalar_type() == at::kBFloat16) && (f32_out || act.scalar_type() == at::kBFloat16) &&
-                    (f32_in || !f32_out);
+  const bool bf16_out = act.scalar_type() == at::kBFloat16;
+  const bool pair = f32_in ? (f32_out || bf16_out) : (h.scalar_type() == at::kBFloat16 && bf16_out);  // swiglu_act.h's
+  const bool fast = pair && skinny_gemm_available() && h.is_contiguous() && act.is_contiguous();
   if (!fast) {
     act.copy_(at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I)));
     return;
@@ -246,16 +246,15 @@ void for_each_busy_slot(const std::vector<int64_t>& off, Fn fn) {
     if (off[s + 1] > off[s]) fn(static_cast<int64_t>(s), off[s], off[s + 1] - off[s]);
 }
 
-// The slots with at most skinny_max_rows rows through the streaming kernel: x [N, H] grouped by slot ->
+// The slots with at most max_rows rows through the streaming kernel: x [N, H] grouped by slot ->
 // their rows of out. The activation runs once per run of adjacent such slots (once in all at decode
 // sizes), not once per slot: there, per-slot ATen calls cost as much as streaming a slot's weights.
 // bf16 slots multiply bf16 x by bf16 weights where the CPU can (their activation is rounded to bf16 for
 // the second product, as on the BLAS path); elsewhere they widen x to fp32.
 template <typename W_t>
 void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const at::Tensor& w13, const at::Tensor& w2,
-                   at::Tensor& out) {
+                   int64_t max_rows, at::Tensor& out) {
   std::vector<std::array<int64_t, 3>> small;  // (slot, first row, rows)
-  const int64_t max_rows = skinny_max_rows(x.scalar_type());
   for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
     if (n <= max_rows) small.push_back({s, a, n});
   });
@@ -320,15 +319,15 @@ at::Tensor grouped_swiglu(const at::Tensor& x_in, const at::Tensor& offsets, con
   if (off.back() < x.size(0)) out.narrow(0, off.back(), x.size(0) - off.back()).zero_();
   const bool skinny = skinny_gemm_available() && x.device().is_cpu() && w13.is_contiguous() && w2.is_contiguous() &&
                       (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+  const int64_t max_rows = skinny_max_rows(x.scalar_type());
   if (skinny && x.scalar_type() == at::kFloat)
-    skinny_swiglu<float>(x, off, w13, w2, out);
+    skinny_swiglu<float>(x, off, w13, w2, max_rows, out);
   else if (skinny)
-    skinny_swiglu<c10::BFloat16>(x, off, w13, w2, out);
+    skinny_swiglu<c10::BFloat16>(x, off, w13, w2, max_rows, out);
   // Without bf16 arithmetic in the CPU, BLAS multiplies bf16 matrices ~6x slower than it converts
   // them and multiplies in fp32 (one slot, 512 rows: 310 ms against 50 ms here).
   const bool widen = x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && !cpu_has_bf16_arithmetic();
   const auto compute = [&](const at::Tensor& t) { return widen ? t.to(at::kFloat) : t; };
-  const int64_t max_rows = skinny_max_rows(x.scalar_type());
   for_each_busy_slot(off, [&](int64_t s, int64_t a, int64_t n) {
     if (skinny && n <= max_rows) return;  // done above
     const auto h = at::mm(compute(x.narrow(0, a, n)), compute(w13[s]).t());  // [n, 2I]
