@@ -263,19 +263,24 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
   const bool dot = bf16 && skinny_gemm_bf16_available();  // bf16 x bf16 products summed in fp32
   const int64_t M = off.back(), H = w13.size(2), I = w13.size(1) / 2;
   const auto opts = x.options().dtype(at::kFloat);
-  // y [n, N] fp32 = rows a..a+n of `in` [M, K] (bf16 when `dot`, else fp32) @ slot weights W [N, K]^T
-  const auto product = [&](const at::Tensor& in, int64_t a, int64_t n, const W_t* W, int64_t N, float* y) {
-    const int64_t K = in.size(1);
-    if constexpr (bf16) {
-      if (dot) return skinny_gemm_bf16(in.data_ptr<c10::BFloat16>() + a * K, n, K, W, N, y);
-    }
-    skinny_gemm_nt(in.data_ptr<float>() + a * K, n, K, W, N, y);
+  // y [n, N] fp32 = rows a..a+n of `in` [M, K] (bf16 when `dot`, else fp32) @ slot s's weights [N, K]^T,
+  // for every small slot, in one parallel region
+  const auto products = [&](const at::Tensor& in, const at::Tensor& w, at::Tensor& y) {
+    const int64_t N = w.size(1), K = w.size(2);
+    std::vector<SkinnyProduct> group;
+    for (const auto& [s, a, n] : small)
+      group.push_back({static_cast<const char*>(in.data_ptr()) + a * K * in.element_size(), n,
+                       w.data_ptr<W_t>() + s * N * K, y.data_ptr<float>() + a * N});
+    if (dot)
+      skinny_gemm_bf16(group, K, N);
+    else
+      skinny_gemm_nt(group, K, N, bf16);
   };
   const auto x_in = dot ? x.narrow(0, 0, M) : x.narrow(0, 0, M).to(at::kFloat).contiguous();
   auto h = at::empty({M, 2 * I}, opts);
+  products(x_in, w13, h);
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) rows of adjacent small slots
   for (const auto& [s, a, n] : small) {
-    product(x_in, a, n, w13.data_ptr<W_t>() + s * 2 * I * H, 2 * I, h.data_ptr<float>() + a * 2 * I);
     if (!runs.empty() && runs.back().second == a)
       runs.back().second = a + n;
     else
@@ -288,8 +293,7 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
   }
   const bool direct = out.scalar_type() == at::kFloat;  // write straight into out
   auto yf = direct ? out : at::empty({M, H}, opts);
-  for (const auto& [s, a, n] : small)
-    product(act_in, a, n, w2.data_ptr<W_t>() + s * H * I, H, yf.data_ptr<float>() + a * H);
+  products(act_in, w2, yf);
   if (!direct) {
     for (const auto& [a, b] : runs) out.narrow(0, a, b - a).copy_(yf.narrow(0, a, b - a));
   }

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <type_traits>
@@ -10,14 +11,15 @@
 namespace moe_resilient {
 
 // csrc/cpu/skinny_gemm_avx512.cpp; fp32 weights, tiles t0..t1 of 6 weight rows, x rows in passes of 4.
+// follow: the weight rows the thread reads next (skinny_tile.h).
 void skinny_tiles_avx512(const float* x, int64_t M, int64_t K, const float* W, int64_t N, float* y, int64_t t0,
-                         int64_t t1);
+                         int64_t t1, const void* follow);
 // csrc/cpu/skinny_gemm_bf16.cpp, bf16 x and W with AVX512_BF16: weight rows n0..n1 one at a time (1-2
 // rows of x), and tiles t0..t1 of 6 weight rows.
 void rows_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t n0,
                  int64_t n1);
 void skinny_tiles_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t t0,
-                         int64_t t1);
+                         int64_t t1, const void* follow);
 
 }  // namespace moe_resilient
 
@@ -60,8 +62,8 @@ void row_dots_avx2(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N
 
 template <typename W_t>
 void column_tiles_avx2(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y, int64_t mr,
-                       int64_t nr, int64_t t0, int64_t t1) {
-  column_tiles<Vec256>(x, M, K, W, N, y, mr, nr, t0, t1);
+                       int64_t nr, int64_t t0, int64_t t1, const void* follow) {
+  column_tiles<Vec256>(x, M, K, W, N, y, mr, nr, t0, t1, follow);
 }
 
 }  // namespace
@@ -92,24 +94,71 @@ bool cpu_has_avx512_bf16() {
 //   tile prefetched into L2 (skinny_tile.h), 3 rows stream at 27 GB/s here against 18 one row at a time.
 // - from 8 rows: fp32 weights with AVX-512, a 4x6 tile of zmm registers; else a 4x3 tile, the most
 //   reuse of each weight load within the 16 ymm registers.
+// - bf16 x and weights with AVX512_BF16 (bf16dp): one row at a time up to 2 rows, else 4x6 tiles.
+struct Shape {
+  bool rows;   // one weight row at a time
+  int64_t mr, nr;
+  bool avx512;  // fp32 weights in AVX-512 tiles
+};
+
 template <typename W_t>
-void skinny(const float* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y) {
-  if (M <= 2) {
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { row_dots_avx2(x, M, K, W, N, y, n0, n1); });
-    return;
-  }
+Shape shape(int64_t M, bool bf16dp) {
+  if (M <= 2) return {true, 1, 1, false};
+  if (bf16dp) return {false, 4, 6, false};
   const bool avx512 = std::is_same_v<W_t, float> && M >= 8 && skinny_gemm_avx512_enabled();
-  const int64_t mr = M < 8 ? 2 : 4, nr = avx512 ? 6 : (M < 8 ? 4 : 3);
-  // Each task streams >= 48 weight rows, so both cores run without per-tile scheduling cost.
-  at::parallel_for(0, (N + nr - 1) / nr, 16, [&](int64_t t0, int64_t t1) {
-    if constexpr (std::is_same_v<W_t, float>) {
-      if (avx512) return skinny_tiles_avx512(x, M, K, W, N, y, t0, t1);
-    }
-    column_tiles_avx2(x, M, K, W, N, y, mr, nr, t0, t1);
-  });
+  return {false, M < 8 ? 2 : 4, avx512 ? 6 : (M < 8 ? 4 : 3), avx512};
 }
 
-const uint16_t* bits(const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+// Thread `part` of `parts`' share of n units: [first, end).
+std::pair<int64_t, int64_t> share(int64_t n, int64_t part, int64_t parts) {
+  return {n * part / parts, n * (part + 1) / parts};
+}
+
+// The group in one parallel region; x is X_t (bf16 bits with bf16dp, else float), W is W_t.
+template <typename X_t, typename W_t>
+void run_group(const std::vector<SkinnyProduct>& group, int64_t K, int64_t N, bool bf16dp) {
+  // At least 48 weight rows a thread, so both cores run without scheduling cost dominating.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 48));
+  std::vector<Shape> shapes;
+  for (const auto& p : group) shapes.push_back(shape<W_t>(p.M, bf16dp));
+  const auto unit = [&](size_t i) { return shapes[i].rows ? 1 : shapes[i].nr; };  // weight rows
+  const auto units = [&](size_t i, int64_t part) { return share((N + unit(i) - 1) / unit(i), part, parts); };
+  const auto run = [&](int64_t part) {
+    for (size_t i = 0; i < group.size(); ++i) {
+      const auto& p = group[i];
+      const Shape& sh = shapes[i];
+      const auto [u0, u1] = units(i, part);
+      if (u0 >= u1) continue;
+      const X_t* x = static_cast<const X_t*>(p.x);
+      const W_t* W = static_cast<const W_t*>(p.W);
+      const W_t* follow = nullptr;  // where this thread's weight stream goes on
+      if (i + 1 < group.size())
+        follow = static_cast<const W_t*>(group[i + 1].W) + units(i + 1, part).first * unit(i + 1) * K;
+      if constexpr (std::is_same_v<X_t, uint16_t>) {
+        if (sh.rows) {
+          rows_bf16dp(x, p.M, K, W, N, p.y, u0, u1);
+        } else {
+          skinny_tiles_bf16dp(x, p.M, K, W, N, p.y, u0, u1, follow);
+        }
+      } else {
+        if (sh.rows) {
+          row_dots_avx2(x, p.M, K, W, N, p.y, u0, u1);
+        } else if constexpr (std::is_same_v<W_t, float>) {
+          if (sh.avx512)
+            skinny_tiles_avx512(x, p.M, K, W, N, p.y, u0, u1, follow);
+          else
+            column_tiles_avx2(x, p.M, K, W, N, p.y, sh.mr, sh.nr, u0, u1, follow);
+        } else {
+          column_tiles_avx2(x, p.M, K, W, N, p.y, sh.mr, sh.nr, u0, u1, follow);
+        }
+      }
+    }
+  };
+  if (parts == 1) return run(0);
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t part = b; part < e; ++part) run(part);
+  });
+}
 
 }  // namespace
 
@@ -126,25 +175,25 @@ bool skinny_gemm_bf16_available() {
   return cpu_has_avx512_bf16() && avx512_allowed.load(std::memory_order_relaxed);
 }
 
-void skinny_gemm_bf16(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* W, int64_t N, float* y) {
+void skinny_gemm_bf16(const std::vector<SkinnyProduct>& group, int64_t K, int64_t N) {
   TORCH_CHECK(skinny_gemm_bf16_available(), "skinny_gemm_bf16: this CPU has no AVX512_BF16 (or it is switched off)");
-  if (M <= 2) {  // as the fp32 kernel: bandwidth-bound, one sequential weight stream per core
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { rows_bf16dp(bits(x), M, K, bits(W), N, y, n0, n1); });
-    return;
-  }
-  constexpr int64_t nr = 6;
-  at::parallel_for(0, (N + nr - 1) / nr, 8, [&](int64_t t0, int64_t t1) {
-    skinny_tiles_bf16dp(bits(x), M, K, bits(W), N, y, t0, t1);
-  });
+  run_group<uint16_t, uint16_t>(group, K, N, true);
+}
+
+void skinny_gemm_nt(const std::vector<SkinnyProduct>& group, int64_t K, int64_t N, bool bf16_weights) {
+  static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t), "bf16 weights are read as their raw bits");
+  if (bf16_weights)
+    run_group<float, uint16_t>(group, K, N, false);
+  else
+    run_group<float, float>(group, K, N, false);
 }
 
 void skinny_gemm_nt(const float* x, int64_t M, int64_t K, const float* W, int64_t N, float* y) {
-  skinny(x, M, K, W, N, y);
+  skinny_gemm_nt({{x, M, W, y}}, K, N, false);
 }
 
 void skinny_gemm_nt(const float* x, int64_t M, int64_t K, const c10::BFloat16* W, int64_t N, float* y) {
-  static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t), "bf16 weights are read as their raw bits");
-  skinny(x, M, K, bits(W), N, y);
+  skinny_gemm_nt({{x, M, W, y}}, K, N, true);
 }
 
 }  // namespace moe_resilient

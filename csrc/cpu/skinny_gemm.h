@@ -11,8 +11,17 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace moe_resilient {
+
+// One product of a group: y [M, N] = x [M, K] @ W [N, K]^T, in the element types the call names.
+struct SkinnyProduct {
+  const void* x;
+  int64_t M;
+  const void* W;
+  float* y;
+};
 
 bool skinny_gemm_available();
 
@@ -24,11 +33,16 @@ bool skinny_gemm_allow_avx512(bool allowed);
 // Whether skinny_gemm_bf16 can run: a CPU with AVX512_BF16, and AVX-512 allowed.
 bool skinny_gemm_bf16_available();
 
-// x [M, K] and W [N, K] bfloat16, y [M, N] float (bf16 products summed in fp32, as BLAS does): twice
-// the multiplies per instruction of widening to fp32. Parallel over N.
-void skinny_gemm_bf16(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* W, int64_t N, float* y);
+// Products that share K and N (one per expert slot), in one parallel region: every thread takes the
+// same share of each product's weight rows, in order, so the threads meet once, not once per product,
+// and each thread's rows form one stream that its prefetch follows from one product into the next.
+// x and W bfloat16, y float (bf16 products summed in fp32, as BLAS does): twice the multiplies per
+// instruction of widening to fp32.
+void skinny_gemm_bf16(const std::vector<SkinnyProduct>& group, int64_t K, int64_t N);
+// x float, W float or (bf16_weights) bfloat16, y float.
+void skinny_gemm_nt(const std::vector<SkinnyProduct>& group, int64_t K, int64_t N, bool bf16_weights);
 
-// x [M, K] float, W [N, K] row-major (float or bfloat16), y [M, N] float. Parallel over N.
+// One product: x [M, K] float, W [N, K] row-major (float or bfloat16), y [M, N] float.
 void skinny_gemm_nt(const float* x, int64_t M, int64_t K, const float* W, int64_t N, float* y);
 void skinny_gemm_nt(const float* x, int64_t M, int64_t K, const c10::BFloat16* W, int64_t N, float* y);
 

@@ -35,8 +35,8 @@ struct Vec512 {
 namespace moe_resilient {
 
 void skinny_tiles_avx512(const float* x, int64_t M, int64_t K, const float* W, int64_t N, float* y, int64_t t0,
-                         int64_t t1) {
-  column_tiles<Vec512>(x, M, K, W, N, y, 4, 6, t0, t1);
+                         int64_t t1, const void* follow) {
+  column_tiles<Vec512>(x, M, K, W, N, y, 4, 6, t0, t1, follow);
 }
 
 }  // namespace moe_resilient

@@ -42,8 +42,8 @@ void rows_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int
 
 // 24 accumulators + 6 weight registers + 1 x register of the 32.
 void skinny_tiles_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y, int64_t t0,
-                         int64_t t1) {
-  column_tiles<VecBf16Dot>(x, M, K, W, N, y, 4, 6, t0, t1);
+                         int64_t t1, const void* follow) {
+  column_tiles<VecBf16Dot>(x, M, K, W, N, y, 4, 6, t0, t1, follow);
 }
 
 }  // namespace moe_resilient

@@ -44,8 +44,9 @@ struct Prefetch {
   const void* after;  // first weight row of the tile after it; nullptr: none
   int64_t pass, passes;
   bool next_to_l2;
-  // run-ahead: the next line for L2 (the L1 prefetch trails it), and lines owed in 1/steps_per_tile
-  const char* ahead;
+  // run-ahead: the next lines to prefetch into L2 and into L1, and lines owed in 1/steps_per_tile
+  const char* far;
+  const char* near;
   int64_t credit, steps_per_tile, lines_per_tile;
 };
 
@@ -67,7 +68,8 @@ void tile(const X_t* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t
   const int64_t passes = pf.passes;
   const bool next_to_l2 = pf.next_to_l2;
   int64_t pf_wait = 1, pf_k = pf.pass * (K / passes);  // one prefetch per row every `passes` steps
-  const char* ahead = pf.ahead;  // locals stay in registers through the loop
+  const char* far = pf.far;  // locals stay in registers through the loop
+  const char* near = pf.near;
   int64_t credit = pf.credit;
   const int64_t lines = pf.lines_per_tile, steps = pf.steps_per_tile;
   for (int64_t k = 0; k < Kv; k += width) {
@@ -75,10 +77,9 @@ void tile(const X_t* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t
 #pragma GCC unroll 8
     for (int64_t j = 0; j < nr; ++j) w[j] = V::load(W + (n0 + j) * K + k);
     if (RUN_AHEAD) {
-      // Past the thread's rows these land in the next rows of W, or nowhere: a prefetch never faults.
-      for (credit += lines; credit >= steps; credit -= steps, ahead += 64) {
-        __builtin_prefetch(ahead, 0, 1);
-        __builtin_prefetch(ahead - (Prefetch::L2_AHEAD - Prefetch::L1_AHEAD), 0, 3);
+      for (credit += lines; credit >= steps; credit -= steps, far += 64, near += 64) {
+        __builtin_prefetch(far, 0, 1);
+        __builtin_prefetch(near, 0, 3);
       }
     } else if (next != nullptr && --pf_wait == 0) {
       pf_wait = passes;
@@ -108,7 +109,8 @@ void tile(const X_t* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t
       y[(m0 + i) * N + n0 + j] = s;
     }
   }
-  pf.ahead = ahead;
+  pf.far = far;  // on to the next pass
+  pf.near = near;
   pf.credit = credit;
 }
 
@@ -139,19 +141,30 @@ void tile_any(const X_t* x, int64_t m0, int64_t mr, int64_t K, const W_t* W, int
 
 // Column tiles t0..t1 (tile t = weight rows t*nr .. t*nr+nr of W [N, K]) over all M rows of x, in
 // passes of at most mr rows, balanced (13 rows in passes of 4, 3, 3, 3, not 4, 4, 4, 1: a 1-row pass
-// reloads the tile's weights for a sixth of the multiply-adds per load of a 4-row one).
+// reloads the tile's weights for a sixth of the multiply-adds per load of a 4-row one). `follow`: the
+// weight rows this thread reads next (another product's), where the run-ahead prefetch runs on to
+// once it passes these; nullptr: none.
 template <class V, typename X_t, typename W_t>
 void column_tiles(const X_t* x, int64_t M, int64_t K, const W_t* W, int64_t N, float* y, int64_t mr, int64_t nr,
-                  int64_t t0, int64_t t1) {
+                  int64_t t0, int64_t t1, const void* follow) {
   const int64_t passes = (M + mr - 1) / mr, base = M / passes, longer = M % passes;
   const int64_t steps = K / V::width > 0 ? K / V::width : 1;
-  Prefetch pf{sizeof(W_t) == 2 && M > 8, nullptr, nullptr, 0, passes, M <= 8,
-              reinterpret_cast<const char*>(W + t0 * nr * K) + Prefetch::L2_AHEAD, 0, passes * steps,
-              nr * K * static_cast<int64_t>(sizeof(W_t)) / 64};
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W_t)), tile_bytes = nr * row_bytes;
+  const char* begin = reinterpret_cast<const char*>(W) + t0 * tile_bytes;
+  const int64_t length = ((t1 * nr < N ? t1 * nr : N) - t0 * nr) * row_bytes;
+  // byte `offset` of this thread's stream: these rows, then `follow`'s (past them a prefetch is wasted,
+  // not wrong: it never faults)
+  const auto at = [&](int64_t offset) {
+    return offset < length || follow == nullptr ? begin + offset : static_cast<const char*>(follow) + (offset - length);
+  };
+  Prefetch pf{sizeof(W_t) == 2 && M > 8, nullptr, nullptr, 0, passes, M <= 8, nullptr, nullptr, 0, passes * steps,
+              tile_bytes / 64};
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * nr, ncols = N - n0 < nr ? N - n0 : nr;
     pf.next = (t + 1 < t1 && n0 + 2 * nr <= N) ? W + (n0 + nr) * K : nullptr;
     pf.after = (t + 2 < t1 && n0 + 3 * nr <= N) ? W + (n0 + 2 * nr) * K : nullptr;
+    pf.far = at((t - t0) * tile_bytes + Prefetch::L2_AHEAD);
+    pf.near = at((t - t0) * tile_bytes + Prefetch::L1_AHEAD);
     for (int64_t p = 0, m0 = 0; p < passes; ++p) {
       const int64_t rows = base + (p < longer ? 1 : 0);
       pf.pass = p;
