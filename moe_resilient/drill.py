@@ -280,7 +280,7 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
         _wait(lambda: sum("batch_of" in x for x in _read(out, nproc)[fail_rank]) >= fail_step, 300,
               f"rank {fail_rank} to serve {fail_step} steps", echo, status)
         t_fail = launcher.kill(fail_rank, signal.SIGSTOP if hang else signal.SIGKILL)
-        echo(f"{'SIGSTOP' if hang else 'SIGKILL'} rank {fail_rank} after step {fail_step}")
+        echo(f"{'SIGSTOP' if hang else 'SIGKILL'} rank {fail_rank} once it had served {fail_step}+ steps")
         survivors = [r for r in range(nproc) if r != fail_rank]
 
         def recovered():  # the launcher's watcher thread has already posted the death notice
@@ -304,6 +304,7 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
     result = {
         "nproc": nproc, "steps": steps, "tokens_per_batch": tokens, "failed_rank": fail_rank,
         "failure": "hang (SIGSTOP)" if hang else "crash (SIGKILL)", "fail_time": t_fail - t_start,
+        "failure_step": lost_step,  # the step the survivors found the rank gone: >= fail_step, timing decides
         "detection_latency_s": min(f["t_detect"] for f in failures) - t_fail,
         "death_notice_s": reaped[0] - t_fail if reaped and not hang else None,  # kill -> launcher reaped it
         "agreement_s": max(f["t_agreed"] - f["t_detect"] for f in failures),

@@ -34,7 +34,10 @@ def test_drill_writes_json_and_plot(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "serving:" in proc.stdout and "pause" in proc.stdout  # progress, then the summary
     result = json.loads(out_json.read_text())
-    assert result["lost_batches"] == [] and result["rerun_batches"] == [[5, 2]]
+    # the rank dies once it has served 5+ steps (how many more, timing decides): its batch of the step the
+    # survivors found it gone is re-run, no other
+    assert result["failure_step"] >= 5
+    assert result["lost_batches"] == [] and result["rerun_batches"] == [[result["failure_step"], 2]]
     assert 0 < result["detection_latency_s"] < result["pause_s"]
     assert result["compiled"] and result["recompiles"] == 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
