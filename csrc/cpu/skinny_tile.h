@@ -31,11 +31,13 @@ inline float to_float(uint16_t v) { return bf16_bits_to_float(v); }
 //   memory straight into L1 arrive too slowly for a tile that barely computes: up to 8 rows of x the
 //   next tile goes to L2 as well (bf16 at 3-8 rows streamed 1.2-1.6x faster on a Zen 4 than into
 //   L1), from 9 rows into L1. Staging the tile after next gained another ~8% at 3-13 rows of bf16.
-// - Run-ahead (bf16 weights from 9 rows): a thread's tiles are adjacent rows of W, one contiguous
-//   block, so a pointer runs a fixed distance ahead of them, into L2 far ahead and into L1 near, and
-//   every k-step issues its share of a tile's lines: a steady trickle, not a burst every few steps.
-//   On a Zen 4 the whole bf16 op ran 1.03-1.06x faster so at 12-64 rows (interleaved runs), but
-//   1.03-1.07x slower at 4-8 rows, and fp32 weights 1.02-1.09x slower at 12-32 rows.
+// - Run-ahead (bf16 x and weights, from 9 rows): a thread's tiles are adjacent rows of W, one
+//   contiguous block, so a pointer runs a fixed distance ahead of them, into L2 far ahead and into L1
+//   near, and every k-step issues its share of a tile's lines: a steady trickle, not a burst every few
+//   steps; past the block it runs on into the rows the thread reads next (column_tiles' `follow`). On
+//   a Zen 4 the whole bf16 op ran 1.03-1.06x faster so at 12-64 rows (interleaved runs), but 1.03-1.07x
+//   slower at 4-8 rows, and fp32 weights 1.02-1.09x slower at 12-32 rows. Not measured: bf16 weights
+//   widened to fp32 (CPUs without AVX512_BF16), which keep the row-wise prefetch.
 struct Prefetch {
   static constexpr int64_t L2_AHEAD = 64 << 10, L1_AHEAD = 6 << 10;  // run-ahead distances, bytes
   bool run_ahead;
@@ -117,14 +119,25 @@ void tile(const X_t* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t
 template <class V, typename X_t, typename W_t, int64_t MR>
 void tile_cols(const X_t* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t nr, int64_t N, float* y,
                Prefetch& pf) {
-  const bool r = pf.run_ahead;
+  if constexpr (sizeof(X_t) == 2) {  // bf16 x: the bf16 dot tiles, either prefetch
+    if (pf.run_ahead) {
+      switch (nr) {
+        case 6: return tile<V, X_t, W_t, MR, 6, true>(x, m0, K, W, n0, N, y, pf);
+        case 5: return tile<V, X_t, W_t, MR, 5, true>(x, m0, K, W, n0, N, y, pf);
+        case 4: return tile<V, X_t, W_t, MR, 4, true>(x, m0, K, W, n0, N, y, pf);
+        case 3: return tile<V, X_t, W_t, MR, 3, true>(x, m0, K, W, n0, N, y, pf);
+        case 2: return tile<V, X_t, W_t, MR, 2, true>(x, m0, K, W, n0, N, y, pf);
+        default: return tile<V, X_t, W_t, MR, 1, true>(x, m0, K, W, n0, N, y, pf);
+      }
+    }
+  }
   switch (nr) {
-    case 6: return (r ? tile<V, X_t, W_t, MR, 6, true> : tile<V, X_t, W_t, MR, 6, false>)(x, m0, K, W, n0, N, y, pf);
-    case 5: return (r ? tile<V, X_t, W_t, MR, 5, true> : tile<V, X_t, W_t, MR, 5, false>)(x, m0, K, W, n0, N, y, pf);
-    case 4: return (r ? tile<V, X_t, W_t, MR, 4, true> : tile<V, X_t, W_t, MR, 4, false>)(x, m0, K, W, n0, N, y, pf);
-    case 3: return (r ? tile<V, X_t, W_t, MR, 3, true> : tile<V, X_t, W_t, MR, 3, false>)(x, m0, K, W, n0, N, y, pf);
-    case 2: return (r ? tile<V, X_t, W_t, MR, 2, true> : tile<V, X_t, W_t, MR, 2, false>)(x, m0, K, W, n0, N, y, pf);
-    default: return (r ? tile<V, X_t, W_t, MR, 1, true> : tile<V, X_t, W_t, MR, 1, false>)(x, m0, K, W, n0, N, y, pf);
+    case 6: return tile<V, X_t, W_t, MR, 6, false>(x, m0, K, W, n0, N, y, pf);  // AVX-512 only
+    case 5: return tile<V, X_t, W_t, MR, 5, false>(x, m0, K, W, n0, N, y, pf);
+    case 4: return tile<V, X_t, W_t, MR, 4, false>(x, m0, K, W, n0, N, y, pf);
+    case 3: return tile<V, X_t, W_t, MR, 3, false>(x, m0, K, W, n0, N, y, pf);
+    case 2: return tile<V, X_t, W_t, MR, 2, false>(x, m0, K, W, n0, N, y, pf);
+    default: return tile<V, X_t, W_t, MR, 1, false>(x, m0, K, W, n0, N, y, pf);
   }
 }
 
@@ -157,7 +170,7 @@ void column_tiles(const X_t* x, int64_t M, int64_t K, const W_t* W, int64_t N, f
   const auto at = [&](int64_t offset) {
     return offset < length || follow == nullptr ? begin + offset : static_cast<const char*>(follow) + (offset - length);
   };
-  Prefetch pf{sizeof(W_t) == 2 && M > 8, nullptr, nullptr, 0, passes, M <= 8, nullptr, nullptr, 0, passes * steps,
+  Prefetch pf{sizeof(X_t) == 2 && M > 8, nullptr, nullptr, 0, passes, M <= 8, nullptr, nullptr, 0, passes * steps,
               tile_bytes / 64};
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * nr, ncols = N - n0 < nr ? N - n0 : nr;
