@@ -224,11 +224,15 @@ def test_grouped_swiglu_odd_sizes(rows, dtype, h, i, tiles):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_swiglu_mixes_kernel_paths_in_one_call(dtype, tiles):
+@pytest.mark.parametrize("h, i, sizes", [
+    (24, 20, [5, 130, 3, 7, 0, 129, 1, 600]),  # 600: BLAS under every threshold
+    # both threads share every slot's weight rows (>= 96 of them), one call runs row, tile and
+    # run-ahead kernels in turn, each thread's prefetch following it from slot to slot
+    (100, 100, [1, 2, 3, 9, 16, 0, 33, 2, 130]),
+])
+def test_grouped_swiglu_mixes_kernel_paths_in_one_call(dtype, h, i, sizes, tiles):
     """Small slots (streaming kernel, activations per run of adjacent small slots) around large ones
     (BLAS), an empty slot, and unroutable rows past the last offset (zeros)."""
-    h, i = 24, 20
-    sizes = [5, 130, 3, 7, 0, 129, 1, 600]  # 600: BLAS under every threshold
     offsets = torch.tensor([0] + sizes).cumsum(0)
     x = torch.randn(int(offsets[-1]) + 2, h, dtype=dtype)
     w13 = (torch.randn(len(sizes), 2 * i, h) / h**0.5).to(dtype)
