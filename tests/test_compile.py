@@ -32,8 +32,9 @@ def _addresses(layer):
     return {n: t.data_ptr() for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
 
 
-def test_placement_changes_never_recompile(compiled):
-    layer, cm, x = compiled
+def _edits_never_recompile(layer, cm, x):
+    """Placement edits of every kind on `layer`, `cm` compiled from it: zero recompiles, outputs equal to
+    eager (and to the reference MoE while every expert is covered), load counted, nothing moved."""
     addresses = _addresses(layer)
     w13, w2 = (w.detach().clone() for w in logical_weights(layer))
     want = reference_moe(layer, x, w13, w2).detach()
@@ -54,6 +55,10 @@ def test_placement_changes_never_recompile(compiled):
             if not layer.placement.uncovered():
                 torch.testing.assert_close(cm(x), want, rtol=1e-5, atol=1e-5)
     assert _addresses(layer) == addresses
+
+
+def test_placement_changes_never_recompile(compiled):
+    _edits_never_recompile(*compiled)
 
 
 def test_degraded_step_compiled(compiled):
@@ -102,3 +107,20 @@ def test_ep_stages_compile_once_for_every_batch_size_and_placement():
             layers[0].placement.mark_dead(2, allow_uncovered=True)
             x = torch.randn(12, H)
             torch.testing.assert_close(ep_forward(layers[0], x, group, compiled=True), layers[0](x), rtol=1e-5, atol=1e-5)
+
+
+def test_lean_compile_follows_placement_edits():
+    """The README's recipe for the least per-call overhead (no guards on module attributes, no size
+    asserts) still sees every placement edit: they are in-place writes to tensors the graph reads. Last
+    in this file: its reset would drop the shared fixture's graphs."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    layer = ResilientMoE(MoEConfig(H, I, E, 2, num_slots=E + 4, world_size=3))
+    layer.add_replica(0, 8)
+    cm = torch.compile(layer, fullgraph=True, options={
+        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False})
+    x = torch.randn(24, H)
+    with torch.no_grad():
+        cm(x)
+    _edits_never_recompile(layer, cm, x)
+    torch._dynamo.reset()
