@@ -114,6 +114,24 @@ std::pair<int64_t, int64_t> share(int64_t n, int64_t part, int64_t parts) {
   return {n * part / parts, n * (part + 1) / parts};
 }
 
+// Product p's share [u0, u1) (weight rows, or tiles of sh.nr rows) on the kernel its shape names.
+template <typename X_t, typename W_t>
+void run_share(const SkinnyProduct& p, const Shape& sh, int64_t K, int64_t N, int64_t u0, int64_t u1,
+               const void* follow) {
+  const X_t* x = static_cast<const X_t*>(p.x);
+  const W_t* W = static_cast<const W_t*>(p.W);
+  if constexpr (std::is_same_v<X_t, uint16_t>) {
+    if (sh.rows) return rows_bf16dp(x, p.M, K, W, N, p.y, u0, u1);
+    return skinny_tiles_bf16dp(x, p.M, K, W, N, p.y, u0, u1, follow);
+  } else {
+    if (sh.rows) return row_dots_avx2(x, p.M, K, W, N, p.y, u0, u1);
+    if constexpr (std::is_same_v<W_t, float>) {
+      if (sh.avx512) return skinny_tiles_avx512(x, p.M, K, W, N, p.y, u0, u1, follow);
+    }
+    column_tiles_avx2(x, p.M, K, W, N, p.y, sh.mr, sh.nr, u0, u1, follow);
+  }
+}
+
 // The group in one parallel region; x is X_t (bf16 bits with bf16dp, else float), W is W_t.
 template <typename X_t, typename W_t>
 void run_group(const std::vector<SkinnyProduct>& group, int64_t K, int64_t N, bool bf16dp) {
@@ -125,33 +143,12 @@ void run_group(const std::vector<SkinnyProduct>& group, int64_t K, int64_t N, bo
   const auto units = [&](size_t i, int64_t part) { return share((N + unit(i) - 1) / unit(i), part, parts); };
   const auto run = [&](int64_t part) {
     for (size_t i = 0; i < group.size(); ++i) {
-      const auto& p = group[i];
-      const Shape& sh = shapes[i];
       const auto [u0, u1] = units(i, part);
       if (u0 >= u1) continue;
-      const X_t* x = static_cast<const X_t*>(p.x);
-      const W_t* W = static_cast<const W_t*>(p.W);
       const W_t* follow = nullptr;  // where this thread's weight stream goes on
       if (i + 1 < group.size())
         follow = static_cast<const W_t*>(group[i + 1].W) + units(i + 1, part).first * unit(i + 1) * K;
-      if constexpr (std::is_same_v<X_t, uint16_t>) {
-        if (sh.rows) {
-          rows_bf16dp(x, p.M, K, W, N, p.y, u0, u1);
-        } else {
-          skinny_tiles_bf16dp(x, p.M, K, W, N, p.y, u0, u1, follow);
-        }
-      } else {
-        if (sh.rows) {
-          row_dots_avx2(x, p.M, K, W, N, p.y, u0, u1);
-        } else if constexpr (std::is_same_v<W_t, float>) {
-          if (sh.avx512)
-            skinny_tiles_avx512(x, p.M, K, W, N, p.y, u0, u1, follow);
-          else
-            column_tiles_avx2(x, p.M, K, W, N, p.y, sh.mr, sh.nr, u0, u1, follow);
-        } else {
-          column_tiles_avx2(x, p.M, K, W, N, p.y, sh.mr, sh.nr, u0, u1, follow);
-        }
-      }
+      run_share<X_t, W_t>(group[i], shapes[i], K, N, u0, u1, follow);
     }
   };
   if (parts == 1) return run(0);

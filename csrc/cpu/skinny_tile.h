@@ -40,7 +40,6 @@ inline float to_float(uint16_t v) { return bf16_bits_to_float(v); }
 //   widened to fp32 (CPUs without AVX512_BF16), which keep the row-wise prefetch.
 struct Prefetch {
   static constexpr int64_t L2_AHEAD = 64 << 10, L1_AHEAD = 6 << 10;  // run-ahead distances, bytes
-  bool run_ahead;
   // row-wise
   const void* next;   // first weight row of the next tile; nullptr: none
   const void* after;  // first weight row of the tile after it; nullptr: none
@@ -116,39 +115,27 @@ void tile(const X_t* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t
   pf.credit = credit;
 }
 
-template <class V, typename X_t, typename W_t, int64_t MR>
+template <class V, typename X_t, typename W_t, int64_t MR, bool RUN_AHEAD>
 void tile_cols(const X_t* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t nr, int64_t N, float* y,
                Prefetch& pf) {
-  if constexpr (sizeof(X_t) == 2) {  // bf16 x: the bf16 dot tiles, either prefetch
-    if (pf.run_ahead) {
-      switch (nr) {
-        case 6: return tile<V, X_t, W_t, MR, 6, true>(x, m0, K, W, n0, N, y, pf);
-        case 5: return tile<V, X_t, W_t, MR, 5, true>(x, m0, K, W, n0, N, y, pf);
-        case 4: return tile<V, X_t, W_t, MR, 4, true>(x, m0, K, W, n0, N, y, pf);
-        case 3: return tile<V, X_t, W_t, MR, 3, true>(x, m0, K, W, n0, N, y, pf);
-        case 2: return tile<V, X_t, W_t, MR, 2, true>(x, m0, K, W, n0, N, y, pf);
-        default: return tile<V, X_t, W_t, MR, 1, true>(x, m0, K, W, n0, N, y, pf);
-      }
-    }
-  }
   switch (nr) {
-    case 6: return tile<V, X_t, W_t, MR, 6, false>(x, m0, K, W, n0, N, y, pf);  // AVX-512 only
-    case 5: return tile<V, X_t, W_t, MR, 5, false>(x, m0, K, W, n0, N, y, pf);
-    case 4: return tile<V, X_t, W_t, MR, 4, false>(x, m0, K, W, n0, N, y, pf);
-    case 3: return tile<V, X_t, W_t, MR, 3, false>(x, m0, K, W, n0, N, y, pf);
-    case 2: return tile<V, X_t, W_t, MR, 2, false>(x, m0, K, W, n0, N, y, pf);
-    default: return tile<V, X_t, W_t, MR, 1, false>(x, m0, K, W, n0, N, y, pf);
+    case 6: return tile<V, X_t, W_t, MR, 6, RUN_AHEAD>(x, m0, K, W, n0, N, y, pf);  // AVX-512 only
+    case 5: return tile<V, X_t, W_t, MR, 5, RUN_AHEAD>(x, m0, K, W, n0, N, y, pf);
+    case 4: return tile<V, X_t, W_t, MR, 4, RUN_AHEAD>(x, m0, K, W, n0, N, y, pf);
+    case 3: return tile<V, X_t, W_t, MR, 3, RUN_AHEAD>(x, m0, K, W, n0, N, y, pf);
+    case 2: return tile<V, X_t, W_t, MR, 2, RUN_AHEAD>(x, m0, K, W, n0, N, y, pf);
+    default: return tile<V, X_t, W_t, MR, 1, RUN_AHEAD>(x, m0, K, W, n0, N, y, pf);
   }
 }
 
-template <class V, typename X_t, typename W_t>
+template <class V, typename X_t, typename W_t, bool RUN_AHEAD>
 void tile_any(const X_t* x, int64_t m0, int64_t mr, int64_t K, const W_t* W, int64_t n0, int64_t nr, int64_t N,
               float* y, Prefetch& pf) {
   switch (mr) {
-    case 4: return tile_cols<V, X_t, W_t, 4>(x, m0, K, W, n0, nr, N, y, pf);
-    case 3: return tile_cols<V, X_t, W_t, 3>(x, m0, K, W, n0, nr, N, y, pf);
-    case 2: return tile_cols<V, X_t, W_t, 2>(x, m0, K, W, n0, nr, N, y, pf);
-    default: return tile_cols<V, X_t, W_t, 1>(x, m0, K, W, n0, nr, N, y, pf);
+    case 4: return tile_cols<V, X_t, W_t, 4, RUN_AHEAD>(x, m0, K, W, n0, nr, N, y, pf);
+    case 3: return tile_cols<V, X_t, W_t, 3, RUN_AHEAD>(x, m0, K, W, n0, nr, N, y, pf);
+    case 2: return tile_cols<V, X_t, W_t, 2, RUN_AHEAD>(x, m0, K, W, n0, nr, N, y, pf);
+    default: return tile_cols<V, X_t, W_t, 1, RUN_AHEAD>(x, m0, K, W, n0, nr, N, y, pf);
   }
 }
 
@@ -170,8 +157,8 @@ void column_tiles(const X_t* x, int64_t M, int64_t K, const W_t* W, int64_t N, f
   const auto at = [&](int64_t offset) {
     return offset < length || follow == nullptr ? begin + offset : static_cast<const char*>(follow) + (offset - length);
   };
-  Prefetch pf{sizeof(X_t) == 2 && M > 8, nullptr, nullptr, 0, passes, M <= 8, nullptr, nullptr, 0, passes * steps,
-              tile_bytes / 64};
+  const bool run_ahead = sizeof(X_t) == 2 && M > 8;  // bf16 x: the bf16 dot tiles
+  Prefetch pf{nullptr, nullptr, 0, passes, M <= 8, nullptr, nullptr, 0, passes * steps, tile_bytes / 64};
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * nr, ncols = N - n0 < nr ? N - n0 : nr;
     pf.next = (t + 1 < t1 && n0 + 2 * nr <= N) ? W + (n0 + nr) * K : nullptr;
@@ -181,7 +168,10 @@ void column_tiles(const X_t* x, int64_t M, int64_t K, const W_t* W, int64_t N, f
     for (int64_t p = 0, m0 = 0; p < passes; ++p) {
       const int64_t rows = base + (p < longer ? 1 : 0);
       pf.pass = p;
-      tile_any<V, X_t, W_t>(x, m0, rows, K, W, n0, ncols, N, y, pf);
+      if (run_ahead)  // no run-ahead copy of the fp32 tiles: for them both calls are the row-wise one
+        tile_any<V, X_t, W_t, sizeof(X_t) == 2>(x, m0, rows, K, W, n0, ncols, N, y, pf);
+      else
+        tile_any<V, X_t, W_t, false>(x, m0, rows, K, W, n0, ncols, N, y, pf);
       m0 += rows;
     }
   }
