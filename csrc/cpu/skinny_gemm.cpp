@@ -45,6 +45,25 @@ struct Vec256 {  // fp32 x; fp32 weights, or bf16 weights widened on load
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
   }
+  static constexpr int64_t lanes = 8;
+  // Lane l: the sum of a[l]'s lanes, in three rounds of folds (as Acc512::sums in vec512.h); fed
+  // transposed, a[4h + q] at position 2q + h.
+  static inline acc sums(const acc (&a)[8]) {
+    const auto at = [&](int p) { return a[4 * (p % 2) + p / 2]; };
+    acc b[4];
+    for (int i = 0; i < 4; ++i)  // 128-bit halves [a lo+hi, b lo+hi]
+      b[i] = _mm256_add_ps(_mm256_permute2f128_ps(at(2 * i), at(2 * i + 1), 0x20),
+                           _mm256_permute2f128_ps(at(2 * i), at(2 * i + 1), 0x31));
+    const acc c0 = _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x44), _mm256_shuffle_ps(b[0], b[1], 0xEE));
+    const acc c1 = _mm256_add_ps(_mm256_shuffle_ps(b[2], b[3], 0x44), _mm256_shuffle_ps(b[2], b[3], 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(c0, c1, 0x88), _mm256_shuffle_ps(c0, c1, 0xDD));
+  }
+  // out[0 .. count) = lanes first .. first + count of v.
+  static inline void store(float* out, acc v, int64_t first, int64_t count) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 moved = _mm256_permutevar8x32_ps(v, _mm256_add_epi32(iota, _mm256_set1_epi32(int(first))));
+    _mm256_maskstore_ps(out, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(count)), iota), moved);
+  }
 };
 
 }  // namespace

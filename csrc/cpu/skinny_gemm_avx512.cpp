@@ -14,17 +14,15 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "vec512.h"
+
 namespace moe_resilient {
 namespace {
 
-struct Vec512 {
-  using acc = __m512;
+struct Vec512 : Acc512 {
   static constexpr int64_t width = 16;
-  static inline acc zero() { return _mm512_setzero_ps(); }
   static inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
   static inline acc madd(acc a, __m512 x, __m512 w) { return _mm512_fmadd_ps(x, w, a); }
-  static inline acc add(acc a, acc b) { return _mm512_add_ps(a, b); }
-  static inline float hsum(acc v) { return _mm512_reduce_add_ps(v); }
 };
 
 }  // namespace

@@ -15,17 +15,15 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "vec512.h"
+
 namespace moe_resilient {
 namespace {
 
-struct VecBf16Dot {  // x and weights both bf16 bits; each accumulator lane sums adjacent pairs
-  using acc = __m512;
+struct VecBf16Dot : Acc512 {  // x and weights both bf16 bits; each accumulator lane sums adjacent pairs
   static constexpr int64_t width = 32;
-  static inline acc zero() { return _mm512_setzero_ps(); }
   static inline __m512bh load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
   static inline acc madd(acc a, __m512bh x, __m512bh w) { return _mm512_dpbf16_ps(a, x, w); }
-  static inline acc add(acc a, acc b) { return _mm512_add_ps(a, b); }
-  static inline float hsum(acc v) { return _mm512_reduce_add_ps(v); }
 };
 
 }  // namespace

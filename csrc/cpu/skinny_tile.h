@@ -7,7 +7,9 @@
 //
 // V provides: acc (an accumulator register), width (k per step), zero(), load(p) for the x and weight
 // element types it serves (float, or uint16_t bf16 bits) into operand registers, madd(acc, x, w) = acc
-// + x * w summed within each accumulator lane, add(acc, acc), hsum(acc).
+// + x * w summed within each accumulator lane, add(acc, acc), hsum(acc); lanes (fp32 lanes of acc),
+// sums(acc[lanes]) (lane l: the sum of the l-th accumulator's lanes), store(out, v, first, count)
+// (out[0 .. count) = lanes first .. first + count of v).
 #pragma once
 
 #include <cstdint>
@@ -101,15 +103,29 @@ void tile(const X_t* x, int64_t m0, int64_t K, const W_t* W, int64_t n0, int64_t
       for (int64_t j = 0; j < nr; ++j) acc[i][j] = V::madd(acc[i][j], xv, w[j]);
     }
   }
-#pragma GCC unroll 8
-  for (int64_t i = 0; i < mr; ++i) {
-#pragma GCC unroll 8
-    for (int64_t j = 0; j < nr; ++j) {
-      float s = V::hsum(acc[i][j]);
-      for (int64_t k = Kv; k < K; ++k) s += to_float(x[(m0 + i) * K + k]) * to_float(W[(n0 + j) * K + k]);
-      y[(m0 + i) * N + n0 + j] = s;
+  // The sums, `per` rows of x to a vector of sums, each row's NR in `row_lanes` lanes: one V::sums per
+  // vector instead of one V::hsum per accumulator. On a Zen 4 a 4x6 bf16 tile in L1 ran 1.07x faster at
+  // K = 1024 (1.26x at K = 256), the whole op 1.02-1.04x (bf16) and 1.04x (fp32) at 16-64 rows.
+  constexpr int64_t group = nr <= 1 ? 1 : nr <= 2 ? 2 : nr <= 4 ? 4 : 8;
+  constexpr int64_t per = V::lanes / group < mr ? V::lanes / group : mr, row_lanes = V::lanes / per;
+  static_assert(nr <= row_lanes, "a row of the tile fits a vector's lanes");
+#pragma GCC unroll 4
+  for (int64_t i0 = 0; i0 < mr; i0 += per) {
+    typename V::acc parts[V::lanes];
+#pragma GCC unroll 16
+    for (int64_t l = 0; l < V::lanes; ++l) {
+      const int64_t i = i0 + l / row_lanes, j = l % row_lanes;
+      parts[l] = i < mr && j < nr ? acc[i < mr ? i : 0][j < nr ? j : 0] : V::zero();
     }
+    const auto sums = V::sums(parts);
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < per; ++r)
+      if (i0 + r < mr) V::store(y + (m0 + i0 + r) * N + n0, sums, r * row_lanes, nr);
   }
+  for (int64_t i = 0; Kv < K && i < mr; ++i)  // K beyond the last whole vector
+    for (int64_t j = 0; j < nr; ++j)
+      for (int64_t k = Kv; k < K; ++k)
+        y[(m0 + i) * N + n0 + j] += to_float(x[(m0 + i) * K + k]) * to_float(W[(n0 + j) * K + k]);
   pf.far = far;  // on to the next pass
   pf.near = near;
   pf.credit = credit;
