@@ -208,12 +208,13 @@ def test_grouped_swiglu_bad_input():
         ops.grouped_swiglu(torch.randn(3, H), torch.tensor([0, 2, 1, 3, 3, 3, 3]), w13, w2)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 128, 129])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 128, 129, 193])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h, i", [(13, 11), (45, 43)])
 def test_grouped_swiglu_odd_sizes(rows, dtype, h, i, tiles):
     """Sizes that are not multiples of the SIMD width (45 = 32 + 8 + 5: every loop of the row kernel and
-    its tails), on every kernel shape (1-3, 4-7 and 8+ rows, AVX2 and AVX-512 tiles) and on BLAS (129)."""
+    its tails), on every kernel shape (1-3, 4-7 and 8+ rows, AVX2 and AVX-512 tiles) and on BLAS (129 for
+    fp32 on AVX2 and bf16 without AVX512_BF16, 193 for bf16 with it)."""
     s = 3
     offsets = torch.tensor([0, rows, rows, 2 * rows])
     x = torch.randn(2 * rows, h, dtype=dtype)

@@ -208,10 +208,11 @@ bool cpu_has_bf16_arithmetic() {
 //   0.85x at 256, a tie at 512.
 // - bf16 on a CPU with bf16 arithmetic: the bf16 dot-product tiles win up to 32 rows and are within
 //   noise of BLAS at 64-128 (the whole layer at 512 tokens, ~128 rows a slot: 36 ms with the tiles,
-//   39 ms with BLAS); where the kernel cannot use bf16 arithmetic (AMX without AVX512_BF16, or AVX-512
-//   switched off) BLAS wins from ~16 rows (1.7x at 64, 2.5x at 128).
+//   39 ms with BLAS); since the tiles sum by folds (skinny_tile.h), they run 1.03-1.07x BLAS's speed
+//   at 129-192 rows, a tie at 224 and 0.86x at 256. Where the kernel cannot use bf16 arithmetic (AMX
+//   without AVX512_BF16, or AVX-512 switched off) BLAS wins from ~16 rows (1.7x at 64, 2.5x at 128).
 int64_t skinny_max_rows(at::ScalarType dtype) {
-  if (dtype == at::kBFloat16 && cpu_has_bf16_arithmetic()) return skinny_gemm_bf16_available() ? 128 : 12;
+  if (dtype == at::kBFloat16 && cpu_has_bf16_arithmetic()) return skinny_gemm_bf16_available() ? 192 : 12;
   return dtype == at::kFloat && skinny_gemm_avx512_enabled() ? 512 : 128;
 }
 
