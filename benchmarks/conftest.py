@@ -6,6 +6,7 @@ timed now; run between the layer's calls, a 256 MiB sweep would slow those calls
 ``paired_ratios``: two callables timed alternately, so machine noise hits both alike.
 """
 
+import statistics
 import time
 
 import pytest
@@ -34,7 +35,11 @@ class MachineProbes:
     """``probe()`` sums 256 MiB (far beyond cache, like expert weights) and runs a dense GEMM of the
     shape of a big expert GEMM in the layer's dtype (a CPU with bf16 arithmetic multiplies bf16 about
     twice as fast as fp32), recording each time; the rates are the best seen since ``reset()`` (a
-    roofline is a bound, so it takes the machine at its best, not its noisy median)."""
+    roofline is a bound, so it takes the machine at its best, not its noisy median).
+
+    ``probe_in_round()`` runs the same two probes once more, between a round's calls; ``*_median``
+    are the medians of those since ``reset()``: the machine as the layers met it. Not the bound, a
+    second reading of it that separates how the VM drifted from how the layer fell short."""
 
     def __init__(self):
         self.buf = torch.randn(64 * 1024 * 1024)
@@ -47,8 +52,14 @@ class MachineProbes:
             self.read_s.append(_seconds(self.buf.sum))
             self.gemm_s.append(_seconds(lambda: a @ b.t()))
 
+    def probe_in_round(self, dtype=torch.float32) -> None:
+        a, b = self.a.to(dtype), self.b.to(dtype)
+        self.round_read_s.append(_seconds(self.buf.sum))
+        self.round_gemm_s.append(_seconds(lambda: a @ b.t()))
+
     def reset(self):
         self.read_s, self.gemm_s = [], []
+        self.round_read_s, self.round_gemm_s = [], []
 
     @property
     def read_bytes_per_s(self) -> float:
@@ -57,6 +68,14 @@ class MachineProbes:
     @property
     def gemm_flops_per_s(self) -> float:
         return 2 * self.a.shape[0] * self.a.shape[1] * self.b.shape[0] / min(self.gemm_s)
+
+    @property
+    def read_bytes_per_s_median(self) -> float:
+        return self.buf.numel() * 4 / statistics.median(self.round_read_s)
+
+    @property
+    def gemm_flops_per_s_median(self) -> float:
+        return 2 * self.a.shape[0] * self.a.shape[1] * self.b.shape[0] / statistics.median(self.round_gemm_s)
 
 
 @pytest.fixture(scope="session")

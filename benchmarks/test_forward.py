@@ -1,7 +1,8 @@
 """Forward latency of one MoE block (hidden 1024, intermediate 2048, 8 experts, top-2) at decode and
 prefill batch sizes: ResilientMoE eager / compiled, its fixed-placement build (no indirection), and the
 Hugging Face Mixtral block with its eager and grouped_mm expert implementations. Each result carries
-the roofline of its size on this machine, probed right before and after its rounds (see conftest).
+the roofline of its size on this machine, probed right before and after its rounds (the bound), and
+the same roofline from probes run inside every round (the machine as the layers met it; see conftest).
 
     python -m pytest benchmarks/test_forward.py --benchmark-json=benchmarks/results/forward.json
     python benchmarks/report.py benchmarks/results/forward.json
@@ -50,7 +51,8 @@ def _module(impl: str, dtype):
 
 
 def _roofline(machine, tokens, x, dtype):
-    """max(bytes of the expert weights this batch touches / read bandwidth, FLOPs / GEMM FLOP/s)."""
+    """max(bytes of the expert weights this batch touches / read bandwidth, FLOPs / GEMM FLOP/s): with
+    the machine's best rates (the bound), and with the medians of the probes run inside the rounds."""
     gate = _module("hf_eager", torch.float32).gate
     with torch.no_grad():
         _, _, ids = gate(x.float().reshape(-1, H))
@@ -58,7 +60,9 @@ def _roofline(machine, tokens, x, dtype):
     item = torch.finfo(dtype).bits // 8
     weight_bytes = (touched * 3 * H * I + E * H) * item
     flops = 2 * tokens * K * 3 * H * I + 2 * tokens * H * E
-    return max(weight_bytes / machine.read_bytes_per_s, flops / machine.gemm_flops_per_s), touched
+    best = max(weight_bytes / machine.read_bytes_per_s, flops / machine.gemm_flops_per_s)
+    median = max(weight_bytes / machine.read_bytes_per_s_median, flops / machine.gemm_flops_per_s_median)
+    return best, median, touched
 
 
 IMPLS = {torch.float32: ["resilient_eager", "resilient_compiled", "fixed_placement", "hf_eager", "hf_grouped_mm"],
@@ -88,6 +92,7 @@ def test_forward(benchmark, machine, tokens, dtype):
             fns[impl](x)
             times[impl].append(time.perf_counter() - t0)
         order = order[1:] + order[:1]
+        machine.probe_in_round(dtype)
 
     with torch.no_grad():
         for impl in times:
@@ -96,9 +101,11 @@ def test_forward(benchmark, machine, tokens, dtype):
         machine.probe(3, dtype)  # the roofline's probes bracket the rounds: the bound of this very window
         benchmark.pedantic(one_round, rounds=ROUNDS[tokens], warmup_rounds=1)
         machine.probe(3, dtype)
-    roofline, touched = _roofline(machine, tokens, x, dtype)
+    roofline, roofline_in_rounds, touched = _roofline(machine, tokens, x, dtype)
     benchmark.extra_info.update(
         tokens=tokens, dtype=str(dtype)[6:], roofline_s=roofline, experts_touched=touched,
         median_s={impl: statistics.median(t[1:]) for impl, t in times.items()},  # [0]: the warm-up round
         read_GBps=machine.read_bytes_per_s / 1e9, gemm_GFLOPps=machine.gemm_flops_per_s / 1e9,
+        roofline_in_rounds_s=roofline_in_rounds, read_GBps_in_rounds=machine.read_bytes_per_s_median / 1e9,
+        gemm_GFLOPps_in_rounds=machine.gemm_flops_per_s_median / 1e9,
     )

@@ -245,6 +245,16 @@ def test_grouped_swiglu_mixes_kernel_paths_in_one_call(dtype, h, i, sizes, tiles
     assert torch.equal(got[-2:], torch.zeros(2, h))
 
 
+def test_grouped_swiglu_half_takes_the_aten_activation():
+    """fp16 has no fused activation pass (swiglu_act.h): BLAS products and ATen's silu * up on each
+    slot's rows."""
+    offsets = torch.tensor([0, 4, 4, 10])
+    x = torch.randn(10, 32).half()
+    w13, w2 = (torch.randn(3, 40, 32) / 32**0.5).half(), (torch.randn(3, 32, 20) / 20**0.5).half()
+    want = ops.grouped_swiglu_reference(x.float(), offsets, w13.float(), w2.float())
+    torch.testing.assert_close(ops.grouped_swiglu(x, offsets, w13, w2).float(), want, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [3, 700])  # the streaming kernel's activation pass; BLAS's
 def test_grouped_swiglu_activation_at_extreme_gates(dtype, rows):

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -58,13 +59,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
 
   auto slot_ids = at::empty({T, K}, ids.options());
   auto order = at::empty({N}, ids.options());
-  auto offsets = at::zeros({num_slots + 1}, ids.options());
+  auto offsets = at::empty({num_slots + 1}, ids.options());
   const int64_t* ids_p = ids.data_ptr<int64_t>();
   const int64_t* l2p_p = identity ? nullptr : l2p.data_ptr<int64_t>();
   const int64_t* cnt_p = identity ? nullptr : cnt.data_ptr<int64_t>();
   int64_t* slot_p = slot_ids.data_ptr<int64_t>();
   int64_t* order_p = order.data_ptr<int64_t>();
   int64_t* off_p = offsets.data_ptr<int64_t>();
+  std::fill(off_p, off_p + num_slots + 1, int64_t{0});
 
   // Pass 1: choose a replica and count rows per slot (bucket num_slots collects unroutable pairs).
   std::vector<int64_t> count(num_slots + 1, 0), per_expert(load.has_value() ? E : 0, 0);
@@ -114,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
 // K weights are divided by their sum (+1e-20).
 std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits_in, int64_t k, bool normalize) {
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
-  const auto logits = logits_in.to(at::kFloat).contiguous();
+  const auto logits = logits_in.scalar_type() == at::kFloat ? logits_in.contiguous() : logits_in.to(at::kFloat).contiguous();
   auto weights = at::empty({T, k}, logits.options());
   auto ids = at::empty({T, k}, logits.options().dtype(at::kLong));
   const float* l_p = logits.data_ptr<float>();
@@ -163,21 +165,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t T = x_in.size(0), H = x_in.size(1), E = weight.size(0);
   TORCH_CHECK(k >= 1 && k <= E, "route_tokens: k = ", k, " outside [1, ", E, "]");
   const auto dtype = x_in.scalar_type();
-  at::Tensor logits;
+  at::Tensor logits, scores_from;  // scores_from: the logits as rounded, in fp32 where we have them
   if (T <= 64 && skinny_gemm_available() && x_in.device().is_cpu() &&
       (dtype == at::kFloat || dtype == at::kBFloat16)) {
-    const auto xf = x_in.to(at::kFloat).contiguous();
+    const auto x = x_in.contiguous();
     const auto w = weight.contiguous();
-    auto lf = at::empty({T, E}, xf.options());
-    if (dtype == at::kFloat)
-      skinny_gemm_nt(xf.data_ptr<float>(), T, H, w.data_ptr<float>(), E, lf.data_ptr<float>());
-    else
-      skinny_gemm_nt(xf.data_ptr<float>(), T, H, w.data_ptr<c10::BFloat16>(), E, lf.data_ptr<float>());
-    logits = lf.to(dtype);  // rounded as F.linear's output is; the scores below use the rounded values
+    auto lf = at::empty({T, E}, x.options().dtype(at::kFloat));
+    if (dtype == at::kFloat) {
+      skinny_gemm_nt(x.data_ptr<float>(), T, H, w.data_ptr<float>(), E, lf.data_ptr<float>());
+      logits = lf;
+    } else {
+      if (skinny_gemm_bf16_available()) {  // bf16 products summed in fp32, as BLAS: no widened copy of x
+        skinny_gemm_bf16({{x.data_ptr(), T, w.data_ptr(), lf.data_ptr<float>()}}, H, E);
+      } else {
+        const auto xf = x.to(at::kFloat);
+        skinny_gemm_nt(xf.data_ptr<float>(), T, H, w.data_ptr<c10::BFloat16>(), E, lf.data_ptr<float>());
+      }
+      // rounded as F.linear's output is; the scores below use the rounded values. A loop, not .to(): a
+      // few ATen calls less per step (see above)
+      logits = at::empty({T, E}, x.options());
+      auto* dst = logits.data_ptr<c10::BFloat16>();
+      float* src = lf.data_ptr<float>();
+      for (int64_t i = 0; i < T * E; ++i) {
+        dst[i] = c10::BFloat16(src[i]);
+        src[i] = static_cast<float>(dst[i]);  // the rounded value, for the scores
+      }
+    }
+    scores_from = lf;
   } else {
-    logits = at::linear(x_in, weight);
+    logits = scores_from = at::linear(x_in, weight);
   }
-  auto [topk_weights, topk_ids] = softmax_topk(logits, k, normalize);
+  auto [topk_weights, topk_ids] = softmax_topk(scores_from, k, normalize);
   auto [slot_ids, order, offsets] = route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict, load);
   return {logits, topk_weights, topk_ids, slot_ids, order, offsets};
 }
@@ -216,28 +234,30 @@ int64_t skinny_max_rows(at::ScalarType dtype) {
   return dtype == at::kFloat && skinny_gemm_avx512_enabled() ? 512 : 128;
 }
 
-// act [n, I] = silu(h[:, :I]) * h[:, I:] for h [n, 2I]; act float or bf16, h float or (with act) bf16.
-// One AVX2 pass (swiglu_act.h) where the CPU has it, else ATen's three.
-void swiglu_into(const at::Tensor& h, at::Tensor& act) {
-  const int64_t n = h.size(0), I = act.size(1);
+// act[r] = silu(h[r, :I]) * h[r, I:] for rows r0..r1 of h [n, 2I] and act [n, I]; act float or bf16, h
+// float or (with act) bf16. One AVX2 pass (swiglu_act.h) where the CPU has it, else ATen's three. A row
+// range, not narrowed views: at decode every ATen call counts (route_tokens).
+void swiglu_into(const at::Tensor& h, at::Tensor& act, int64_t r0, int64_t r1) {
+  const int64_t I = act.size(1);
   const bool f32_in = h.scalar_type() == at::kFloat, f32_out = act.scalar_type() == at::kFloat;
   const bool bf16_out = act.scalar_type() == at::kBFloat16;
   const bool pair = f32_in ? (f32_out || bf16_out) : (h.scalar_type() == at::kBFloat16 && bf16_out);  // swiglu_act.h's
   const bool fast = pair && skinny_gemm_available() && h.is_contiguous() && act.is_contiguous();
   if (!fast) {
-    act.copy_(at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I)));
+    const auto rows = h.narrow(0, r0, r1 - r0);
+    act.narrow(0, r0, r1 - r0).copy_(at::silu(rows.narrow(1, 0, I)).mul_(rows.narrow(1, I, I)));
     return;
   }
   const auto bits = [](const at::Tensor& t, int64_t offset) {
     return reinterpret_cast<uint16_t*>(t.data_ptr<c10::BFloat16>()) + offset;
   };
-  at::parallel_for(0, n, std::max<int64_t>(1, 8192 / I), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(r0, r1, std::max<int64_t>(1, 8192 / I), [&](int64_t i0, int64_t i1) {
     if (f32_in && f32_out)
-      swiglu_act(h.data_ptr<float>() + r0 * 2 * I, r1 - r0, I, act.data_ptr<float>() + r0 * I);
+      swiglu_act(h.data_ptr<float>() + i0 * 2 * I, i1 - i0, I, act.data_ptr<float>() + i0 * I);
     else if (f32_in)
-      swiglu_act(h.data_ptr<float>() + r0 * 2 * I, r1 - r0, I, bits(act, r0 * I));
+      swiglu_act(h.data_ptr<float>() + i0 * 2 * I, i1 - i0, I, bits(act, i0 * I));
     else
-      swiglu_act(bits(h, r0 * 2 * I), r1 - r0, I, bits(act, r0 * I));
+      swiglu_act(bits(h, i0 * 2 * I), i1 - i0, I, bits(act, i0 * I));
   });
 }
 
@@ -277,7 +297,8 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
     else
       skinny_gemm_nt(group, K, N, bf16);
   };
-  const auto x_in = dot ? x.narrow(0, 0, M) : x.narrow(0, 0, M).to(at::kFloat).contiguous();
+  const auto x_rows = M == x.size(0) ? x : x.narrow(0, 0, M);  // rows past M: unroutable
+  const auto x_in = dot || x.scalar_type() == at::kFloat ? x_rows : x_rows.to(at::kFloat);
   auto h = at::empty({M, 2 * I}, opts);
   products(x_in, w13, h);
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) rows of adjacent small slots
@@ -288,15 +309,17 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
       runs.emplace_back(a, a + n);
   }
   auto act_in = at::empty({M, I}, opts.dtype(dot ? at::kBFloat16 : at::kFloat));
-  for (const auto& [a, b] : runs) {
-    auto ar = act_in.narrow(0, a, b - a);
-    swiglu_into(h.narrow(0, a, b - a), ar);
-  }
-  const bool direct = out.scalar_type() == at::kFloat;  // write straight into out
+  for (const auto& [a, b] : runs) swiglu_into(h, act_in, a, b);
+  constexpr bool direct = std::is_same_v<W_t, float>;  // out has x's dtype: fp32 rows go straight into it
   auto yf = direct ? out : at::empty({M, H}, opts);
   products(act_in, w2, yf);
-  if (!direct) {
-    for (const auto& [a, b] : runs) out.narrow(0, a, b - a).copy_(yf.narrow(0, a, b - a));
+  if constexpr (!direct) {  // rounded into bf16 by a loop, not copy_: fewer ATen calls per step
+    auto* dst = out.data_ptr<c10::BFloat16>();
+    const float* src = yf.data_ptr<float>();
+    for (const auto& [a, b] : runs)
+      at::parallel_for(a * H, b * H, 16384, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) dst[i] = c10::BFloat16(src[i]);
+      });
   }
 }
 
@@ -337,7 +360,7 @@ at::Tensor grouped_swiglu(const at::Tensor& x_in, const at::Tensor& offsets, con
     if (skinny && n <= max_rows) return;  // done above
     const auto h = at::mm(compute(x.narrow(0, a, n)), compute(w13[s]).t());  // [n, 2I]
     auto act = at::empty({n, I}, h.options());
-    swiglu_into(h, act);
+    swiglu_into(h, act, 0, n);
     auto dst = out.narrow(0, a, n);
     if (widen)
       dst.copy_(at::mm(act, compute(w2[s]).t()));
@@ -372,7 +395,14 @@ at::Tensor grouped_swiglu_combine(const at::Tensor& x_in, const at::Tensor& orde
     row_of[ord_p[i]] = i;
   }
   const auto x = x_in.contiguous();
-  const auto y_rows = grouped_swiglu(x.index_select(0, at::div(ord, K, "floor")), offsets, w13, w2);  // [T*K, H]
+  auto x_rows = at::empty({T * K, H}, x.options());  // x's rows in slot order: row i is token ord[i] / K
+  const int64_t row_bytes = H * x.element_size();
+  const char* x_p = static_cast<const char*>(x.data_ptr());
+  char* rows_p = static_cast<char*>(x_rows.data_ptr());
+  at::parallel_for(0, T * K, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(rows_p + i * row_bytes, x_p + ord_p[i] / K * row_bytes, row_bytes);
+  });
+  const auto y_rows = grouped_swiglu(x_rows, offsets, w13, w2);  // [T*K, H]
   const auto slots = slot_ids.contiguous();
   const auto wts = topk_weights.contiguous();
   auto out = at::empty({T, H}, x.options());
