@@ -2,7 +2,10 @@
 
 ``MachineProbes``: this machine's read bandwidth and dense GEMM FLOP/s, run right before and after the
 layers they bound (the machine drifts; a bound measured minutes earlier does not hold for the layer
-timed now; run between the layer's calls, a 256 MiB sweep would slow those calls).
+timed now), and once more at the end of each round of calls. Not between two calls of a round: the
+256 MiB sweep would leave the next call colder than the others; the first call of a round (a different
+implementation each round) starts after it, as every call starts after another implementation's weights
+have swept the caches.
 ``paired_ratios``: two callables timed alternately, so machine noise hits both alike.
 """
 
@@ -46,16 +49,23 @@ class MachineProbes:
         self.a, self.b = torch.randn(2048, 1024), torch.randn(4096, 1024)
         self.reset()
 
-    def probe(self, times: int, dtype=torch.float32) -> None:
+    def _time_both(self, dtype, read_s: list, gemm_s: list) -> None:
         a, b = self.a.to(dtype), self.b.to(dtype)
+        read_s.append(_seconds(self.buf.sum))
+        gemm_s.append(_seconds(lambda: a @ b.t()))
+
+    def probe(self, times: int, dtype=torch.float32) -> None:
         for _ in range(times):
-            self.read_s.append(_seconds(self.buf.sum))
-            self.gemm_s.append(_seconds(lambda: a @ b.t()))
+            self._time_both(dtype, self.read_s, self.gemm_s)
 
     def probe_in_round(self, dtype=torch.float32) -> None:
-        a, b = self.a.to(dtype), self.b.to(dtype)
-        self.round_read_s.append(_seconds(self.buf.sum))
-        self.round_gemm_s.append(_seconds(lambda: a @ b.t()))
+        self._time_both(dtype, self.round_read_s, self.round_gemm_s)
+
+    def _read_rate(self, seconds: float) -> float:
+        return self.buf.numel() * 4 / seconds
+
+    def _gemm_rate(self, seconds: float) -> float:
+        return 2 * self.a.shape[0] * self.a.shape[1] * self.b.shape[0] / seconds
 
     def reset(self):
         self.read_s, self.gemm_s = [], []
@@ -63,19 +73,19 @@ class MachineProbes:
 
     @property
     def read_bytes_per_s(self) -> float:
-        return self.buf.numel() * 4 / min(self.read_s)
+        return self._read_rate(min(self.read_s))
 
     @property
     def gemm_flops_per_s(self) -> float:
-        return 2 * self.a.shape[0] * self.a.shape[1] * self.b.shape[0] / min(self.gemm_s)
+        return self._gemm_rate(min(self.gemm_s))
 
     @property
     def read_bytes_per_s_median(self) -> float:
-        return self.buf.numel() * 4 / statistics.median(self.round_read_s)
+        return self._read_rate(statistics.median(self.round_read_s))
 
     @property
     def gemm_flops_per_s_median(self) -> float:
-        return 2 * self.a.shape[0] * self.a.shape[1] * self.b.shape[0] / statistics.median(self.round_gemm_s)
+        return self._gemm_rate(statistics.median(self.round_gemm_s))
 
 
 @pytest.fixture(scope="session")

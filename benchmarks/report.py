@@ -24,7 +24,7 @@ def main(path: str) -> None:
     gemm = [e["gemm_GFLOPps"] for e in machine.values()]
     print(f"Machine, probed right before and after the rounds of each size: read bandwidth {min(read):.1f}-{max(read):.1f} GB/s, "
           f"dense GEMM {min(gemm):.1f}-{max(gemm):.1f} GFLOP/s (best per size). \"In the rounds\": the medians of the "
-          "same probes run once in every round, between the layers' calls, and ours against the roofline they give.\n")
+          "same probes run at the end of every round, and ours against the roofline they give.\n")
     for dtype, table in median.items():
         sizes = sorted({t for _, t in table})
         impls = [i for i in IMPLS if any((i, t) in table for t in sizes)]

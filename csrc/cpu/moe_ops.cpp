@@ -116,7 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
 // K weights are divided by their sum (+1e-20).
 std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits_in, int64_t k, bool normalize) {
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
-  const auto logits = logits_in.scalar_type() == at::kFloat ? logits_in.contiguous() : logits_in.to(at::kFloat).contiguous();
+  const auto logits =  // fp32 logits as they are: even a no-op .to() is an ATen call (route_tokens)
+      logits_in.scalar_type() == at::kFloat ? logits_in.contiguous() : logits_in.to(at::kFloat).contiguous();
   auto weights = at::empty({T, k}, logits.options());
   auto ids = at::empty({T, k}, logits.options().dtype(at::kLong));
   const float* l_p = logits.data_ptr<float>();
