@@ -1,5 +1,5 @@
 // Python module so `import moe_resilient._C` loads the shared library, whose static TORCH_LIBRARY
-// initialisers register the ops (the torchao pattern: no pybind11 needed).
+// initialisers register the ops (the torchao pattern: no pybind11 module needed).
 #include <Python.h>
 
 // at::parallel_for runs serially in code built without OpenMP, halving the kernels on two cores;
@@ -13,6 +13,7 @@ static PyObject* built_with_openmp(PyObject*, PyObject*) {
 }
 
 extern PyMethodDef liveness_methods[];  // csrc/cpu/liveness.cpp
+extern PyMethodDef eager_methods[];     // csrc/eager_calls.cpp
 
 namespace moe_resilient {  // csrc/cpu/skinny_gemm.h
 bool skinny_gemm_avx512_enabled();
@@ -42,6 +43,8 @@ static PyMethodDef methods[] = {
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
-  if (module && PyModule_AddFunctions(module, liveness_methods) != 0) Py_CLEAR(module);
+  if (module && (PyModule_AddFunctions(module, liveness_methods) != 0 ||
+                 PyModule_AddFunctions(module, eager_methods) != 0))
+    Py_CLEAR(module);
   return module;
 }

@@ -129,9 +129,10 @@ class TopKRouter(nn.Module):
         CPU, softmax scoring with no groups, bias or separate router dtype, and no hooks to run (HF
         records router logits with a forward hook on the router)."""
         c = self.config
-        plain = c.scoring == "softmax" and c.num_groups == 1 and self.e_score_correction_bias is None
+        if c.scoring != "softmax" or c.num_groups != 1 or c.router_dtype not in (None, x.dtype):
+            return False
         hooked = self._forward_hooks or self._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
-        return plain and not hooked and c.router_dtype in (None, x.dtype) and not torch.is_grad_enabled() and x.is_cpu
+        return self.e_score_correction_bias is None and not hooked and not torch.is_grad_enabled() and x.is_cpu
 
 
 class ResilientMoE(nn.Module):
@@ -188,25 +189,50 @@ class ResilientMoE(nn.Module):
             raise ValueError(
                 f"ResilientMoE expects hidden size {c.hidden_size}, got input of shape {list(hidden_states.shape)}"
             )
-        x = hidden_states.reshape(-1, c.hidden_size)  # [T, H]
-        router_logits, topk_weights, _, slot_ids, order, offsets = self.route(x)
-        if torch.is_grad_enabled():
-            routed = ops.gather_experts_combine(x, order, offsets, slot_ids, topk_weights, self.experts)
-        else:  # the same in one op: at decode sizes the calls it replaces cost a fifth of the step
-            routed = ops.grouped_swiglu_combine(
-                x, order, offsets, slot_ids, topk_weights, self.experts.w13, self.experts.w2
-            )
-        out = self.add_shared_expert(x, routed)
-        out = out.reshape(hidden_states.shape)
+        served = self._serve(hidden_states)
+        if served is not None:
+            out, router_logits = served
+        else:
+            x = hidden_states.reshape(-1, c.hidden_size)  # [T, H]
+            router_logits, topk_weights, _, slot_ids, order, offsets = self.route(x)
+            if torch.is_grad_enabled():
+                routed = ops.gather_experts_combine(x, order, offsets, slot_ids, topk_weights, self.experts)
+            else:  # the same in one op
+                routed = ops.grouped_swiglu_combine(
+                    x, order, offsets, slot_ids, topk_weights, self.experts.w13, self.experts.w2
+                )
+            out = self.add_shared_expert(x, routed).reshape(hidden_states.shape)
         return (out, router_logits) if self.return_router_logits else out
+
+    def _serve(self, x: torch.Tensor):
+        """Serving (gate.fusable): the whole block in one op call -> (out [..., H], router_logits [T, E]);
+        None where the gate must run as a module. Reads the submodules' tensors from their dicts: right
+        after a step has streamed its experts through the caches, every nn.Module attribute lookup (a
+        Python call) costs ~10 us, and the dozen here were an eighth of a 1-token bf16 step."""
+        gate = self._modules["gate"]
+        if not gate.fusable(x):
+            return None
+        c, weights, placement = self.config, self._modules["experts"]._parameters, self._modules["placement"]._buffers
+        log2phy, logcnt = (None, None) if c.static_placement else (placement["log2phy"], placement["logcnt"])
+        out, logits = ops.moe_forward(
+            x, gate._parameters["weight"], c.top_k, c.norm_topk_prob, log2phy, logcnt, c.num_slots,
+            c.degraded == "raise", weights["w13"], weights["w2"], c.routed_scaling_factor, self._buffers["expert_load"],
+        )
+        return self.add_shared_expert(x, out), logits
+
+    def _routing_state(self):
+        """(log2phy, logcnt, strict, load) as the routing ops take them: no placement tensors for the
+        fixed-placement build; the load counters, which the ops count into in place (compile-safe)."""
+        c, p = self.config, self.placement
+        log2phy, logcnt = (None, None) if c.static_placement else (p.log2phy, p.logcnt)
+        return log2phy, logcnt, c.degraded == "raise", self.expert_load
 
     def route(self, x: torch.Tensor):
         """x [T, H] -> (router_logits [T, E], topk_weights [T, K], topk_ids [T, K], slot_ids [T, K],
         order [T*K], offsets [S+1]): top-k, live replica per pair, pairs grouped by slot. Counts
         the load of each logical expert on the way."""
-        c, p = self.config, self.placement
-        log2phy, logcnt = (None, None) if c.static_placement else (p.log2phy, p.logcnt)
-        strict, load = c.degraded == "raise", self.expert_load  # load: counted in place, compile-safe
+        c = self.config
+        log2phy, logcnt, strict, load = self._routing_state()
         if self.gate.fusable(x):  # serving: one call for the gate's six and route_to_slots
             logits, topk_weights, *rest = ops.route_tokens(
                 x, self.gate.weight, c.top_k, c.norm_topk_prob, log2phy, logcnt, c.num_slots, strict, load
@@ -219,7 +245,7 @@ class ResilientMoE(nn.Module):
         return (router_logits, topk_weights, topk_ids, *routed)
 
     def add_shared_expert(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        """routed [T, H] plus the shared expert's output on x [T, H] (sigmoid-gated if configured)."""
+        """routed [..., H] plus the shared expert's output on x [..., H] (sigmoid-gated if configured)."""
         if self.shared_expert is None:
             return routed
         shared = self.shared_expert(x)

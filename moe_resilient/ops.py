@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from moe_resilient import _C  # noqa: F401  (loading the library registers torch.ops.moe_resilient)
+    from moe_resilient import _C  # loading the library registers torch.ops.moe_resilient
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
         "moe_resilient._C is not built; install with `pip install --no-build-isolation -e .`"
@@ -53,6 +53,29 @@ def grouped_swiglu_combine(
     topk_weights [T, K] float32 -> [T, H], the same as gathering x's rows, grouped_swiglu, restoring
     (token, k) order and ``combine`` (``gather_experts_combine``), in one call."""
     return _ops.grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2)
+
+
+def moe_forward(
+    x: torch.Tensor, gate_weight: torch.Tensor, k: int, normalize: bool, log2phy: torch.Tensor | None,
+    logcnt: torch.Tensor | None, num_slots: int, strict: bool, w13: torch.Tensor, w2: torch.Tensor,
+    scaling: float = 1.0, load: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference only (no autograd): a softmax-routed MoE block in one call, route_tokens then
+    grouped_swiglu_combine with the top-k weights times ``scaling``. x [..., H] (T tokens), gate weight
+    [E, H], w13 [S, 2I, H], w2 [S, H, I] -> (out [..., H], router_logits [T, E]). Eager CPU calls skip
+    the dispatcher (csrc/eager_calls.cpp): after a step has streamed its experts through the caches, its
+    door costs ~25 us more per call."""
+    if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _C.moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2,
+                              float(scaling), load)
+    return _ops.moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2, scaling, load)
+
+
+@torch.library.register_fake("moe_resilient::moe_forward")
+def _moe_forward_fake(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2, scaling=1.0,
+                      load=None):
+    torch._check(x.shape[-1] == w13.shape[2], lambda: "moe_forward: hidden size mismatch")
+    return torch.empty_like(x), x.new_empty((x.numel() // x.shape[-1], gate_weight.shape[0]))
 
 
 @torch.library.register_fake("moe_resilient::route_tokens")
@@ -273,7 +296,20 @@ def route_tokens_reference(x, weight, k, normalize, log2phy, logcnt, num_slots, 
     return (logits, topk_weights, topk_ids, *routed)
 
 
+def moe_forward_reference(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2, scaling=1.0,
+                          load=None):
+    tokens = x.reshape(-1, x.shape[-1])
+    _busy_slots(tokens, torch.zeros(w13.shape[0] + 1, dtype=torch.long), w13, w2)  # before `load` changes
+    if w13.shape[0] != num_slots:
+        raise RuntimeError(f"moe_forward: w13 holds {w13.shape[0]} slots, num_slots is {num_slots}")
+    logits, topk_weights, _, slot_ids, order, offsets = route_tokens_reference(
+        tokens, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, load)
+    out = grouped_swiglu_combine_reference(tokens, order, offsets, slot_ids, topk_weights * scaling, w13, w2)
+    return out.view(x.shape), logits
+
+
 for _name, _kernel in [
+    ("moe_forward", moe_forward_reference),
     ("route_to_slots", route_to_slots_reference),
     ("route_tokens", route_tokens_reference),
     ("grouped_swiglu", grouped_swiglu_reference),

@@ -93,6 +93,8 @@ def test_opcheck_on_cuda():
     torch.library.opcheck(m.grouped_swiglu, (trainable[0], offsets, *trainable[1:]))
     torch.library.opcheck(m.grouped_swiglu_combine, (x, order, offsets, slot_ids, torch.rand(7, 2, device="cuda"),
                                                      w13, w2))
+    torch.library.opcheck(m.moe_forward, (x, layer.gate.weight.detach(), 2, True, p.log2phy, p.logcnt,
+                                          layer.config.num_slots, False, w13, w2, 1.5, layer.expert_load))
     with pytest.raises(RuntimeError, match="expert id 9 out of range"):
         ops.route_to_slots(torch.tensor([[9]], device="cuda"), p.log2phy, p.logcnt, layer.config.num_slots)
 

@@ -173,6 +173,63 @@ def test_route_tokens_matches_its_parts(dtype, k, normalize, tokens):
     assert torch.equal(load, want_load)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, scaling", [(1, 1.0), (9, 2.5), (70, 1.0)])
+def test_moe_forward_equals_its_parts(dtype, tokens, scaling):
+    """The whole-block op, through its direct door (eager, no grad) and through torch.ops, against
+    route_tokens -> weights * scaling -> grouped_swiglu_combine; expert 3 is unroutable. Both doors give
+    the same bits and count the load once per call."""
+    log2phy, logcnt = _placement()
+    torch.manual_seed(tokens)
+    x, gate = torch.randn(tokens, H).to(dtype), (torch.randn(E, H) / H**0.5).to(dtype)
+    w13, w2 = (torch.randn(S, 2 * I, H) / H**0.5).to(dtype), (torch.randn(S, H, I) / I**0.5).to(dtype)
+    want_load = torch.zeros(E, dtype=torch.long)
+    logits, weights, _, slot_ids, order, offsets = ops.route_tokens(x, gate, 2, True, log2phy, logcnt, S,
+                                                                    load=want_load)
+    want = ops.grouped_swiglu_combine(x, order, offsets, slot_ids, weights * scaling, w13, w2)
+    args = (x, gate, 2, True, log2phy, logcnt, S, False, w13, w2, scaling)
+    direct_load, dispatched_load = torch.zeros(E, dtype=torch.long), torch.zeros(E, dtype=torch.long)
+    direct = _C.moe_forward(*args, direct_load)
+    dispatched = torch.ops.moe_resilient.moe_forward(*args, dispatched_load)
+    with torch.no_grad():
+        via_ops = ops.moe_forward(*args)
+    for got in (direct, dispatched, via_ops):
+        assert torch.equal(got[0], want) and torch.equal(got[1], logits)
+    assert torch.equal(direct_load, want_load) and torch.equal(dispatched_load, want_load)
+    reference = ops.moe_forward_reference(*args)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(direct[0], reference[0], rtol=tol, atol=tol)
+
+
+def test_moe_forward_opcheck_and_bad_input():
+    """opcheck; and a rejected call, through either door, raises a typed error and leaves `load` as it was."""
+    log2phy, logcnt = _placement()
+    x, gate, load = torch.randn(5, H), torch.randn(E, H), torch.zeros(E, dtype=torch.long)
+    w13, w2 = torch.randn(S, 2 * I, H), torch.randn(S, H, I)
+    torch.library.opcheck(torch.ops.moe_resilient.moe_forward,
+                          (x, gate, 2, True, log2phy, logcnt, S, False, w13, w2, 1.5, load))
+    load.zero_()
+    for door in (_C.moe_forward, torch.ops.moe_resilient.moe_forward):
+        with pytest.raises(RuntimeError, match="disagree"):
+            door(x, gate, 2, True, log2phy, logcnt, S, False, w13, w2[..., :-1], 1.0, load)
+        with pytest.raises(RuntimeError, match="w13 holds 6 slots, num_slots is 5"):
+            door(x, gate, 2, True, log2phy, logcnt, S - 1, False, w13, w2, 1.0, load)
+        with pytest.raises(RuntimeError, match="no live replica"):  # expert 3 chosen, strict
+            door(torch.randn(40, H), gate, E, True, log2phy, logcnt, S, True, w13, w2, 1.0, load)
+        with pytest.raises(RuntimeError, match=r"k = 0 outside"):
+            door(x, gate, 0, True, log2phy, logcnt, S, False, w13, w2, 1.0, load)
+    assert not load.any()
+    with pytest.raises(TypeError, match="k must be an int"):
+        _C.moe_forward(x, gate, "2", True, log2phy, logcnt, S, False, w13, w2, 1.0, load)
+    with pytest.raises(TypeError, match="w13 must be a tensor"):
+        _C.moe_forward(x, gate, 2, True, log2phy, logcnt, S, False, None, w2, 1.0, load)
+    with pytest.raises(TypeError, match="12 positional arguments, got 11"):
+        _C.moe_forward(x, gate, 2, True, log2phy, logcnt, S, False, w13, w2, 1.0)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        _C.moe_forward(x, gate, 2, True, log2phy, logcnt, S, False, w13.to("meta"), w2, 1.0, load)
+    assert not load.any()
+
+
 def test_route_tokens_with_nan_logits_propagates_nan():
     """A NaN logit (a broken model) makes the weights NaN, as softmax does on the unfused path; the
     selection stays k distinct experts, the NaN one first."""

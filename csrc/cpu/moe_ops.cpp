@@ -4,6 +4,7 @@
 // route_tokens:    inference only: the softmax router (logits, top-k, weights) and route_to_slots.
 // grouped_swiglu:  SwiGLU experts over rows already grouped by slot (forward and backward).
 // grouped_swiglu_combine: inference only: gather, grouped_swiglu and the weighted top-k sum in one call.
+// moe_forward:     inference only: route_tokens and grouped_swiglu_combine, a whole MoE block in one call.
 //
 // Fake (meta) kernels and autograd live in moe_resilient/ops.py.
 #include <torch/library.h>
@@ -203,17 +204,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 namespace {
 
-void check_grouped(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w13, const at::Tensor& w2) {
+void check_experts(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2) {
   TORCH_CHECK(x.dim() == 2, "grouped_swiglu: x must be [N, H], got ", x.sizes());
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3, "grouped_swiglu: w13 must be [S, 2I, H] and w2 [S, H, I]");
   const int64_t S = w13.size(0), H = w13.size(2), I = w13.size(1) / 2;
   TORCH_CHECK(w13.size(1) == 2 * I && w2.size(0) == S && w2.size(1) == H && w2.size(2) == I,
               "grouped_swiglu: w13 ", w13.sizes(), " and w2 ", w2.sizes(), " disagree");
   TORCH_CHECK(x.size(1) == H, "grouped_swiglu: x has hidden size ", x.size(1), ", experts expect ", H);
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == S + 1 && offsets.scalar_type() == at::kLong,
-              "grouped_swiglu: offsets must be int64 [S+1] = [", S + 1, "]");
   TORCH_CHECK(x.scalar_type() == w13.scalar_type() && x.scalar_type() == w2.scalar_type(),
               "grouped_swiglu: dtype mismatch between x and expert weights");
+}
+
+void check_grouped(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w13, const at::Tensor& w2) {
+  check_experts(x, w13, w2);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == w13.size(0) + 1 && offsets.scalar_type() == at::kLong,
+              "grouped_swiglu: offsets must be int64 [S+1] = [", w13.size(0) + 1, "]");
 }
 
 bool cpu_has_bf16_arithmetic() {
@@ -435,6 +440,30 @@ at::Tensor grouped_swiglu_combine(const at::Tensor& x_in, const at::Tensor& orde
   return out;
 }
 
+// Inference: a softmax-routed MoE block's forward in one call, route_tokens then grouped_swiglu_combine
+// with the top-k weights times `scaling`: x [..., H] -> (out [..., H], router_logits [T, E]), T tokens.
+// Right after a step has streamed its experts through the caches, every call from Python costs tens of
+// us, a reshape included (the 1-token bf16 step is ~800 us): eager serving makes this one call, past the
+// dispatcher (eager_calls.cpp).
+std::tuple<at::Tensor, at::Tensor> moe_forward(const at::Tensor& x_in, const at::Tensor& gate_weight, int64_t k,
+                                               bool normalize, const std::optional<at::Tensor>& log2phy,
+                                               const std::optional<at::Tensor>& logcnt, int64_t num_slots, bool strict,
+                                               const at::Tensor& w13, const at::Tensor& w2, double scaling,
+                                               const std::optional<at::Tensor>& load) {
+  TORCH_CHECK(x_in.dim() >= 1, "moe_forward: x must be [..., H], got a scalar");
+  const auto x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});
+  check_experts(x, w13, w2);  // before route_tokens adds to `load`: a rejected call changes nothing
+  TORCH_CHECK(w13.size(0) == num_slots, "moe_forward: w13 holds ", w13.size(0), " slots, num_slots is ", num_slots);
+  auto [logits, topk_weights, topk_ids, slot_ids, order, offsets] =
+      route_tokens(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, load);
+  if (scaling != 1.0) {  // a loop, not mul_: see above
+    float* w_p = topk_weights.data_ptr<float>();
+    for (int64_t i = 0; i < topk_weights.numel(); ++i) w_p[i] *= static_cast<float>(scaling);
+  }
+  const auto out = grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2);
+  return {x_in.dim() == 2 ? out : out.view(x_in.sizes()), logits};
+}
+
 // Recomputes the activations slot by slot (no saved [N, 2I] buffer) and returns
 // grad_x [N, H], grad_w13 [S, 2I, H], grad_w2 [S, H, I]; slots with no rows get zero gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward(
@@ -475,6 +504,7 @@ TORCH_LIBRARY(moe_resilient, m) {
   m.def("route_tokens(Tensor x, Tensor weight, int k, bool normalize, Tensor? log2phy, Tensor? logcnt, int num_slots, bool strict=False, Tensor(a!)? load=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("grouped_swiglu(Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> Tensor");
   m.def("grouped_swiglu_combine(Tensor x, Tensor order, Tensor offsets, Tensor slot_ids, Tensor topk_weights, Tensor w13, Tensor w2) -> Tensor");
+  m.def("moe_forward(Tensor x, Tensor gate_weight, int k, bool normalize, Tensor? log2phy, Tensor? logcnt, int num_slots, bool strict, Tensor w13, Tensor w2, float scaling=1.0, Tensor(a!)? load=None) -> (Tensor, Tensor)");
   m.def("grouped_swiglu_backward(Tensor grad_out, Tensor x, Tensor offsets, Tensor w13, Tensor w2) -> (Tensor, Tensor, Tensor)");
 }
 
@@ -483,6 +513,7 @@ TORCH_LIBRARY_IMPL(moe_resilient, CPU, m) {
   m.impl("route_tokens", &route_tokens);
   m.impl("grouped_swiglu", &grouped_swiglu);
   m.impl("grouped_swiglu_combine", &grouped_swiglu_combine);
+  m.impl("moe_forward", &moe_forward);
   m.impl("grouped_swiglu_backward", &grouped_swiglu_backward);
 }
 
