@@ -281,6 +281,23 @@ def test_grouped_swiglu_odd_sizes(rows, dtype, h, i, tiles):
     torch.testing.assert_close(ops.grouped_swiglu(x, offsets, w13, w2).float(), want, rtol=tol, atol=tol)
 
 
+def test_bf16_activation_rounds_alike_with_and_without_avx512():
+    """bf16 activations are rounded by vcvtneps2bf16 where the CPU has AVX512_BF16 and by AVX2 integer
+    steps elsewhere (or with AVX-512 switched off): the same bits. On BLAS-sized slots (200 rows) the
+    products do not depend on the switch, so the outputs must be equal, tails (43 = 5 * 8 + 3) included."""
+    offsets = torch.tensor([0, 200, 200, 400])
+    x = torch.randn(400, 45, dtype=torch.bfloat16)
+    w13 = (torch.randn(3, 86, 45) / 45**0.5).bfloat16()
+    w2 = (torch.randn(3, 45, 43) / 43**0.5).bfloat16()
+    previous = _C.allow_skinny_avx512(True)
+    try:
+        with_avx512 = ops.grouped_swiglu(x, offsets, w13, w2)
+        _C.allow_skinny_avx512(False)
+        assert torch.equal(ops.grouped_swiglu(x, offsets, w13, w2), with_avx512)
+    finally:
+        _C.allow_skinny_avx512(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h, i, sizes", [
     (24, 20, [5, 130, 3, 7, 0, 129, 1, 600]),  # 600: BLAS under every threshold
