@@ -1,8 +1,8 @@
-// SwiGLU activation (swiglu_act.h): AVX2 loops (swiglu_rows.h), whose bf16 results are rounded by
-// AVX2 integer steps, or on CPUs with AVX512_BF16 by vcvtneps2bf16: 0.41 against 0.64 ns an element in
-// one thread on a Zen 4 (16 rows, fp32 h in, bf16 out), the same bits (a NaN may keep its sign). Includes no torch header:
-// everything here is compiled for AVX2 or more, and no inline function of a shared header may become a
-// symbol that a CPU without it could run.
+// SwiGLU activation and bf16 roundings (swiglu_act.h): AVX2 loops (swiglu_rows.h), whose bf16 results
+// are rounded by AVX2 integer steps, or on CPUs with AVX512_BF16 by vcvtneps2bf16: 0.41 against 0.64 ns
+// an element in one thread on a Zen 4 (16 rows, fp32 h in, bf16 out), the same bits (a NaN may keep its
+// sign). Includes no torch header: everything here is compiled for AVX2 or more, and no inline function
+// of a shared header may become a symbol that a CPU without it could run.
 #include "swiglu_act.h"
 
 #include <immintrin.h>
@@ -68,5 +68,13 @@ void swiglu_act(const uint16_t* h, int64_t rows, int64_t I, uint16_t* act) {
   else
     avx2::act_rows(h, rows, I, act);
 }
+
+void round_to_bf16(const float* src, int64_t n, uint16_t* dst) {
+  if (skinny_gemm_bf16_available())
+    bf16dp::round_rows(src, n, dst);
+  else
+    avx2::round_rows(src, n, dst);
+}
+void add_scaled_bf16(float* acc, float w, const uint16_t* y, int64_t n) { avx2::add_scaled_rows(acc, w, y, n); }
 
 }  // namespace moe_resilient

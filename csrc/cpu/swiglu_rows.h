@@ -1,4 +1,4 @@
-// The SwiGLU activation's loops (swiglu_act.cpp), included once per ISA inside its `#pragma GCC
+// The loops of swiglu_act.cpp, included once per ISA inside its `#pragma GCC
 // target(...)` and its own namespace, after that namespace defines store8(uint16_t*, __m256), the
 // rounding of 8 fp32 lanes into bf16 bits (round to nearest even; NaN a quiet NaN). Includes no other
 // header, like skinny_tile.h, for the same reason; no include guard: it is meant to be included twice.
@@ -64,3 +64,16 @@ void act_rows(const H_t* h, int64_t rows, int64_t I, A_t* act) {
   }
 }
 
+
+inline void round_rows(const float* src, int64_t n, uint16_t* dst) {
+  const int64_t n8 = n - n % 8;
+  for (int64_t i = 0; i < n8; i += 8) store8(dst + i, load8(src + i));
+  for (int64_t i = n8; i < n; ++i) store1(dst + i, src[i]);
+}
+
+inline void add_scaled_rows(float* acc, float w, const uint16_t* y, int64_t n) {
+  const int64_t n8 = n - n % 8;
+  const __m256 wv = _mm256_set1_ps(w);
+  for (int64_t i = 0; i < n8; i += 8) store8(acc + i, _mm256_fmadd_ps(wv, load8(y + i), load8(acc + i)));
+  for (int64_t i = n8; i < n; ++i) acc[i] += w * load1(y[i]);
+}
