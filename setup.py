@@ -19,7 +19,7 @@ def extension():
     # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is
     # built with OpenMP (it then shares the libgomp torch already loaded).
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", "-std=c++17"] + openmp
+    cxx_flags = ["-O3", "-std=c++20"] + openmp  # C++20: torch 2.13's headers use its bit-field initialisers
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     if use_cuda and os.environ.get("MOE_RESILIENT_NO_CUDA") != "1":
