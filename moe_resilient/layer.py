@@ -125,9 +125,10 @@ class TopKRouter(nn.Module):
         return logits, topk_weights, topk_ids
 
     def fusable(self, x: torch.Tensor) -> bool:
-        """Whether ops.route_tokens may stand in for calling this module on x: serving (autograd off) on
-        CPU, softmax scoring with no groups, bias or separate router dtype, and no hooks to run (HF
-        records router logits with a forward hook on the router)."""
+        """Whether the fused ops (route_tokens, moe_forward) may stand in for calling this module on x:
+        serving (autograd off) on CPU, softmax scoring with no groups, bias or separate router dtype, and
+        no hooks to run (HF records router logits with a forward hook on the router). The config checks
+        come first: after a step has streamed its experts, each attribute read here costs microseconds."""
         c = self.config
         if c.scoring != "softmax" or c.num_groups != 1 or c.router_dtype not in (None, x.dtype):
             return False
@@ -220,19 +221,13 @@ class ResilientMoE(nn.Module):
         )
         return self.add_shared_expert(x, out), logits
 
-    def _routing_state(self):
-        """(log2phy, logcnt, strict, load) as the routing ops take them: no placement tensors for the
-        fixed-placement build; the load counters, which the ops count into in place (compile-safe)."""
-        c, p = self.config, self.placement
-        log2phy, logcnt = (None, None) if c.static_placement else (p.log2phy, p.logcnt)
-        return log2phy, logcnt, c.degraded == "raise", self.expert_load
-
     def route(self, x: torch.Tensor):
         """x [T, H] -> (router_logits [T, E], topk_weights [T, K], topk_ids [T, K], slot_ids [T, K],
         order [T*K], offsets [S+1]): top-k, live replica per pair, pairs grouped by slot. Counts
         the load of each logical expert on the way."""
-        c = self.config
-        log2phy, logcnt, strict, load = self._routing_state()
+        c, p = self.config, self.placement
+        log2phy, logcnt = (None, None) if c.static_placement else (p.log2phy, p.logcnt)
+        strict, load = c.degraded == "raise", self.expert_load  # load: counted in place, compile-safe
         if self.gate.fusable(x):  # serving: one call for the gate's six and route_to_slots
             logits, topk_weights, *rest = ops.route_tokens(
                 x, self.gate.weight, c.top_k, c.norm_topk_prob, log2phy, logcnt, c.num_slots, strict, load
