@@ -84,6 +84,19 @@ def test_inference_runs_the_fused_op_and_training_does_not(monkeypatch):
     torch.testing.assert_close(hooked, inferred, rtol=1e-6, atol=1e-6)
 
 
+def test_serving_under_inference_mode_counts_load_and_keeps_shape():
+    """torch.inference_mode (how servers run) takes the same one-call path as no_grad: the same output, x's
+    leading dims kept, and every (token, k) pair counted once in the load buffer."""
+    layer, x = _layer(2, E + 2), torch.randn(2, 3, H)
+    with torch.no_grad():
+        want = layer(x)
+    layer.expert_load.zero_()
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.shape == x.shape and torch.equal(got, want)
+    assert int(layer.expert_load.sum()) == 2 * 3 * 2
+
+
 def test_every_replica_is_used_and_gives_the_same_answer():
     layer = _layer(2, E + 8)  # every expert has two replicas
     x = torch.randn(64, H)
