@@ -61,9 +61,12 @@ PyObject* eager_moe_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   const double scaling = PyFloat_AsDouble(args[10]);
   if (scaling == -1.0 && PyErr_Occurred()) throw torch::TypeError("moe_forward: scaling must be a float");
   const auto load = optional_tensor_arg(args[11], "load");
-  for (const at::Tensor* t : {&x, &gate_weight, &w13, &w2, log2phy ? &*log2phy : &x, logcnt ? &*logcnt : &x,
-                              load ? &*load : &x})
-    TORCH_CHECK_VALUE(t->is_cpu(), "moe_forward: the direct call takes CPU tensors only, got one on ", t->device());
+  const auto check_cpu = [](const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.is_cpu(), "moe_forward: the direct call takes CPU tensors only, got one on ", t.device());
+  };
+  for (const auto* t : {&x, &gate_weight, &w13, &w2}) check_cpu(*t);
+  for (const auto* t : {&log2phy, &logcnt, &load})
+    if (t->has_value()) check_cpu(**t);
   std::tuple<at::Tensor, at::Tensor> result;
   {
     pybind11::gil_scoped_release no_gil;  // as the dispatcher's door does: other Python threads run meanwhile

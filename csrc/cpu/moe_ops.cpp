@@ -417,7 +417,6 @@ at::Tensor grouped_swiglu_combine(const at::Tensor& x_in, const at::Tensor& orde
     const scalar_t* y_p = y_rows.data_ptr<scalar_t>();
     scalar_t* out_p = out.data_ptr<scalar_t>();
     constexpr bool bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-    const auto bits = [](auto* p) { return reinterpret_cast<uint16_t*>(const_cast<scalar_t*>(p)); };
     at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
       std::vector<float> acc(H), w(K);
       for (int64_t t = t0; t < t1; ++t) {
@@ -433,12 +432,12 @@ at::Tensor grouped_swiglu_combine(const at::Tensor& x_in, const at::Tensor& orde
           const float wk = w[k] * scale;
           const scalar_t* y = y_p + row_of[t * K + k] * H;
           if (bf16 && vectorised)
-            add_scaled_bf16(acc.data(), wk, bits(y), H);
+            add_scaled_bf16(acc.data(), wk, reinterpret_cast<const uint16_t*>(y), H);
           else
             for (int64_t j = 0; j < H; ++j) acc[j] += wk * static_cast<float>(y[j]);
         }
         if (bf16 && vectorised)
-          round_to_bf16(acc.data(), H, bits(out_p + t * H));
+          round_to_bf16(acc.data(), H, reinterpret_cast<uint16_t*>(out_p + t * H));
         else
           for (int64_t j = 0; j < H; ++j) out_p[t * H + j] = static_cast<scalar_t>(acc[j]);
       }

@@ -1,7 +1,7 @@
-// The loops of swiglu_act.cpp, included once per ISA inside its `#pragma GCC
-// target(...)` and its own namespace, after that namespace defines store8(uint16_t*, __m256), the
-// rounding of 8 fp32 lanes into bf16 bits (round to nearest even; NaN a quiet NaN). Includes no other
-// header, like skinny_tile.h, for the same reason; no include guard: it is meant to be included twice.
+// The loops of swiglu_act.cpp, included once per ISA inside its `#pragma GCC target(...)` and its own
+// namespace, after that namespace defines store8(uint16_t*, __m256), the rounding of 8 fp32 lanes into
+// bf16 bits (round to nearest even; NaN a quiet NaN). Includes no other header, like skinny_tile.h, for
+// the same reason; no include guard: it is meant to be included twice.
 
 // exp(x) for x in [-87, 88]: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
 // (relative error < 2e-7, about one fp32 ulp), 2^n from the exponent bits.
@@ -63,7 +63,6 @@ void act_rows(const H_t* h, int64_t rows, int64_t I, A_t* act) {
     }
   }
 }
-
 
 inline void round_rows(const float* src, int64_t n, uint16_t* dst) {
   const int64_t n8 = n - n % 8;
