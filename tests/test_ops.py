@@ -319,6 +319,29 @@ def test_grouped_swiglu_mixes_kernel_paths_in_one_call(dtype, h, i, sizes, tiles
     assert torch.equal(got[-2:], torch.zeros(2, h))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_swiglu_with_more_threads_than_cores(dtype, tiles):
+    """Each thread takes its share of the weight rows in chunks and, once out, takes the other threads'
+    unclaimed chunks from the back. Four threads on this machine's cores get descheduled mid-call, so
+    chunks change hands; every call has new x, so a chunk computed by no one would leave the previous
+    call's rows in the output, and one computed twice would still be right: the results must match the
+    reference every time."""
+    h, i, sizes = 256, 512, [1, 3, 9, 16, 40, 0, 2]  # w13: 1024 weight rows, w2: 256; parts of >= 48
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    w13 = (torch.randn(len(sizes), 2 * i, h) / h**0.5).to(dtype)
+    w2 = (torch.randn(len(sizes), h, i) / i**0.5).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for _ in range(20):
+            x = torch.randn(int(offsets[-1]), h, dtype=dtype)
+            want = ops.grouped_swiglu_reference(x.float(), offsets, w13.float(), w2.float())
+            torch.testing.assert_close(ops.grouped_swiglu(x, offsets, w13, w2).float(), want, rtol=tol, atol=tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_grouped_swiglu_half_takes_the_aten_activation():
     """fp16 has no fused activation pass (swiglu_act.h): BLAS products and ATen's silu * up on each
     slot's rows."""

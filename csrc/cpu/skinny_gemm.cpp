@@ -152,6 +152,40 @@ void run_share(const SkinnyProduct& p, const Shape& sh, int64_t K, int64_t N, in
   }
 }
 
+// A run of units [u0, u1) of product i (weight rows, or tiles of its shape's nr rows).
+struct Chunk {
+  size_t i;
+  int64_t u0, u1;
+};
+
+// Each part's chunks in its stream order, and which of them are still unclaimed: the part takes them
+// from the front; a part that has run out of its own takes another's from the back, so a core the VM
+// slowed down (one part took 1.2x the other's time in ~1 call of 5 at 64 tokens) leaves the other
+// core no idle wait at the end of the group. Front and back packed in one word: one CAS claims.
+class alignas(64) ChunkQueue {
+ public:
+  void init(std::vector<Chunk> chunks) {
+    chunks_ = std::move(chunks);
+    ends_.store(static_cast<uint64_t>(chunks_.size()), std::memory_order_relaxed);
+  }
+  const std::vector<Chunk>& chunks() const { return chunks_; }
+  // The index of the claimed chunk, or -1 when none is left.
+  int64_t claim(bool front) {
+    uint64_t v = ends_.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t f = v >> 32, b = v & 0xFFFFFFFFu;
+      if (f >= b) return -1;
+      const uint64_t next = front ? ((f + 1) << 32 | b) : (f << 32 | (b - 1));
+      if (ends_.compare_exchange_weak(v, next, std::memory_order_acq_rel, std::memory_order_relaxed))
+        return static_cast<int64_t>(front ? f : b - 1);
+    }
+  }
+
+ private:
+  std::vector<Chunk> chunks_;
+  std::atomic<uint64_t> ends_{0};  // front << 32 | back
+};
+
 // The group in one parallel region; x is X_t (bf16 bits with bf16dp, else float), W is W_t.
 template <typename X_t, typename W_t>
 void run_group(const std::vector<SkinnyProduct>& group, int64_t K, int64_t N, bool bf16dp) {
@@ -160,15 +194,32 @@ void run_group(const std::vector<SkinnyProduct>& group, int64_t K, int64_t N, bo
   std::vector<Shape> shapes;
   for (const auto& p : group) shapes.push_back(shape<W_t>(p.M, bf16dp));
   const auto unit = [&](size_t i) { return shapes[i].rows ? 1 : shapes[i].nr; };  // weight rows
-  const auto units = [&](size_t i, int64_t part) { return share((N + unit(i) - 1) / unit(i), part, parts); };
-  const auto run = [&](int64_t part) {
+  // ~48 weight rows a chunk: a claim per ~100-200 KB of weights, and little left to steal at the end.
+  const auto chunk_units = [&](size_t i) { return std::max<int64_t>(1, 48 / unit(i)); };
+  std::vector<ChunkQueue> queues(parts);
+  for (int64_t part = 0; part < parts; ++part) {
+    std::vector<Chunk> chunks;
     for (size_t i = 0; i < group.size(); ++i) {
-      const auto [u0, u1] = units(i, part);
-      if (u0 >= u1) continue;
-      const W_t* follow = nullptr;  // where this thread's weight stream goes on
-      if (i + 1 < group.size())
-        follow = static_cast<const W_t*>(group[i + 1].W) + units(i + 1, part).first * unit(i + 1) * K;
-      run_share<X_t, W_t>(group[i], shapes[i], K, N, u0, u1, follow);
+      const auto [u0, u1] = share((N + unit(i) - 1) / unit(i), part, parts);
+      for (int64_t u = u0; u < u1; u += chunk_units(i)) chunks.push_back({i, u, std::min(u1, u + chunk_units(i))});
+    }
+    queues[part].init(std::move(chunks));
+  }
+  const auto start = [&](const Chunk& c) {  // its first weight row
+    return static_cast<const W_t*>(group[c.i].W) + c.u0 * unit(c.i) * K;
+  };
+  // Chunk c of `part`; the owner reads on into the next chunk, a thief into the one before it.
+  const auto run_chunk = [&](int64_t part, int64_t c, bool owner) {
+    const auto& chunks = queues[part].chunks();
+    const int64_t n = static_cast<int64_t>(chunks.size()), next = owner ? c + 1 : c - 1;
+    const W_t* follow = next >= 0 && next < n ? start(chunks[next]) : nullptr;
+    run_share<X_t, W_t>(group[chunks[c].i], shapes[chunks[c].i], K, N, chunks[c].u0, chunks[c].u1, follow);
+  };
+  const auto run = [&](int64_t part) {
+    for (int64_t c; (c = queues[part].claim(true)) >= 0;) run_chunk(part, c, true);
+    for (int64_t other = 1; other < parts; ++other) {
+      const int64_t victim = (part + other) % parts;
+      for (int64_t c; (c = queues[victim].claim(false)) >= 0;) run_chunk(victim, c, false);
     }
   };
   if (parts == 1) return run(0);

@@ -168,19 +168,21 @@ void column_tiles(const X_t* x, int64_t M, int64_t K, const W_t* W, int64_t N, f
   const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W_t)), tile_bytes = nr * row_bytes;
   const char* begin = reinterpret_cast<const char*>(W) + t0 * tile_bytes;
   const int64_t length = ((t1 * nr < N ? t1 * nr : N) - t0 * nr) * row_bytes;
-  // byte `offset` of this thread's stream: these rows, then `follow`'s (past them a prefetch is wasted,
-  // not wrong: it never faults)
-  const auto at = [&](int64_t offset) {
-    return offset < length || follow == nullptr ? begin + offset : static_cast<const char*>(follow) + (offset - length);
+  // byte `offset` of this thread's stream: these rows, then `follow`'s; past them with no `follow`,
+  // `past` (a prefetch there is wasted, not wrong: it never faults)
+  const auto at = [&](int64_t offset, const char* past) {
+    if (offset < length) return begin + offset;
+    return follow != nullptr ? static_cast<const char*>(follow) + (offset - length) : past;
   };
   const bool run_ahead = sizeof(X_t) == 2 && M > 8;  // bf16 x: the bf16 dot tiles
   Prefetch pf{nullptr, nullptr, 0, passes, M <= 8, nullptr, nullptr, 0, passes * steps, tile_bytes / 64};
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * nr, ncols = N - n0 < nr ? N - n0 : nr;
-    pf.next = (t + 1 < t1 && n0 + 2 * nr <= N) ? W + (n0 + nr) * K : nullptr;
-    pf.after = (t + 2 < t1 && n0 + 3 * nr <= N) ? W + (n0 + 2 * nr) * K : nullptr;
-    pf.far = at((t - t0) * tile_bytes + Prefetch::L2_AHEAD);
-    pf.near = at((t - t0) * tile_bytes + Prefetch::L1_AHEAD);
+    const int64_t offset = (t - t0) * tile_bytes;
+    pf.next = at(offset + tile_bytes, nullptr);
+    pf.after = at(offset + 2 * tile_bytes, nullptr);
+    pf.far = at(offset + Prefetch::L2_AHEAD, begin + offset + Prefetch::L2_AHEAD);
+    pf.near = at(offset + Prefetch::L1_AHEAD, begin + offset + Prefetch::L1_AHEAD);
     for (int64_t p = 0, m0 = 0; p < passes; ++p) {
       const int64_t rows = base + (p < longer ? 1 : 0);
       pf.pass = p;
