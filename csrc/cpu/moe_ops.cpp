@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include "skinny_gemm.h"
@@ -24,6 +25,23 @@
 #include <vector>
 
 namespace moe_resilient {
+namespace {
+
+// Tensors made without the dispatcher. Right after a step has streamed its experts through the caches,
+// every dispatched call is slow: an at::empty 1-9 us, a reshape or view of x 15-25 us, where the whole
+// 1-token bf16 step is ~800 us.
+at::Tensor new_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::detail::empty_cpu(sizes, options);
+}
+// t [..., H] as [T, H]: a view of a contiguous t (one that does not own the memory, so only while t
+// lives), else a reshape.
+at::Tensor as_rows(const at::Tensor& t) {
+  if (t.dim() == 2) return t;
+  if (!t.is_contiguous() || t.numel() == 0) return t.reshape({-1, t.size(-1)});
+  return at::from_blob(t.data_ptr(), {t.numel() / t.size(-1), t.size(-1)}, t.options());
+}
+
+}  // namespace
 
 // topk_ids [T, K] logical experts; log2phy [E, R] live slots of each expert (-1 padded);
 // logcnt [E] live replica count. Token t uses replica t % logcnt[e]. With no placement
@@ -58,9 +76,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_to_slots(
     TORCH_CHECK(load->dim() == 1 && load->size(0) == E && load->scalar_type() == at::kLong && load->is_contiguous(),
                 "route_to_slots: load must be a contiguous int64 [", E, "], got ", load->sizes());
 
-  auto slot_ids = at::empty({T, K}, ids.options());
-  auto order = at::empty({N}, ids.options());
-  auto offsets = at::empty({num_slots + 1}, ids.options());
+  auto slot_ids = new_cpu({T, K}, ids.options());
+  auto order = new_cpu({N}, ids.options());
+  auto offsets = new_cpu({num_slots + 1}, ids.options());
   const int64_t* ids_p = ids.data_ptr<int64_t>();
   const int64_t* l2p_p = identity ? nullptr : l2p.data_ptr<int64_t>();
   const int64_t* cnt_p = identity ? nullptr : cnt.data_ptr<int64_t>();
@@ -119,8 +137,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits_in, int
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
   const auto logits =  // fp32 logits as they are: even a no-op .to() is an ATen call (route_tokens)
       logits_in.scalar_type() == at::kFloat ? logits_in.contiguous() : logits_in.to(at::kFloat).contiguous();
-  auto weights = at::empty({T, k}, logits.options());
-  auto ids = at::empty({T, k}, logits.options().dtype(at::kLong));
+  auto weights = new_cpu({T, k}, logits.options());
+  auto ids = new_cpu({T, k}, logits.options().dtype(at::kLong));
   const float* l_p = logits.data_ptr<float>();
   float* w_p = weights.data_ptr<float>();
   int64_t* id_p = ids.data_ptr<int64_t>();
@@ -172,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       (dtype == at::kFloat || dtype == at::kBFloat16)) {
     const auto x = x_in.contiguous();
     const auto w = weight.contiguous();
-    auto lf = at::empty({T, E}, x.options().dtype(at::kFloat));
+    auto lf = new_cpu({T, E}, x.options().dtype(at::kFloat));
     if (dtype == at::kFloat) {
       skinny_gemm_nt(x.data_ptr<float>(), T, H, w.data_ptr<float>(), E, lf.data_ptr<float>());
       logits = lf;
@@ -185,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       // rounded as F.linear's output is; the scores below use the rounded values. A loop, not .to(): a
       // few ATen calls less per step (see above)
-      logits = at::empty({T, E}, x.options());
+      logits = new_cpu({T, E}, x.options());
       auto* dst = logits.data_ptr<c10::BFloat16>();
       float* src = lf.data_ptr<float>();
       for (int64_t i = 0; i < T * E; ++i) {
@@ -305,7 +323,7 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
   };
   const auto x_rows = M == x.size(0) ? x : x.narrow(0, 0, M);  // rows past M: unroutable
   const auto x_in = dot || x.scalar_type() == at::kFloat ? x_rows : x_rows.to(at::kFloat);
-  auto h = at::empty({M, 2 * I}, opts);
+  auto h = new_cpu({M, 2 * I}, opts);
   products(x_in, w13, h);
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) rows of adjacent small slots
   for (const auto& [s, a, n] : small) {
@@ -314,10 +332,10 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
     else
       runs.emplace_back(a, a + n);
   }
-  auto act_in = at::empty({M, I}, opts.dtype(dot ? at::kBFloat16 : at::kFloat));
+  auto act_in = new_cpu({M, I}, opts.dtype(dot ? at::kBFloat16 : at::kFloat));
   for (const auto& [a, b] : runs) swiglu_into(h, act_in, a, b);
   constexpr bool direct = std::is_same_v<W_t, float>;  // out has x's dtype: fp32 rows go straight into it
-  auto yf = direct ? out : at::empty({M, H}, opts);
+  auto yf = direct ? out : new_cpu({M, H}, opts);
   products(act_in, w2, yf);
   if constexpr (!direct) {  // rounded into bf16 here, not by copy_: one ATen call less per step
     auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
@@ -328,7 +346,7 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
 }
 
 std::vector<int64_t> offsets_vector(const at::Tensor& offsets, int64_t num_rows) {
-  const auto o = offsets.to(at::kCPU).contiguous();
+  const auto o = (offsets.is_cpu() ? offsets : offsets.to(at::kCPU)).contiguous();  // no call when it is already
   std::vector<int64_t> v(o.data_ptr<int64_t>(), o.data_ptr<int64_t>() + o.numel());
   TORCH_CHECK(v.front() >= 0 && v.back() <= num_rows, "grouped_swiglu: offsets outside [0, ", num_rows, "]");
   for (size_t s = 1; s < v.size(); ++s)
@@ -347,7 +365,7 @@ at::Tensor grouped_swiglu(const at::Tensor& x_in, const at::Tensor& offsets, con
   const auto x = x_in.contiguous();
   const int64_t I = w13.size(1) / 2;
   const auto off = offsets_vector(offsets, x.size(0));
-  auto out = at::empty_like(x);
+  auto out = new_cpu(x.sizes(), x.options());
   if (off.back() < x.size(0)) out.narrow(0, off.back(), x.size(0) - off.back()).zero_();
   const bool skinny = skinny_gemm_available() && x.device().is_cpu() && w13.is_contiguous() && w2.is_contiguous() &&
                       (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
@@ -378,10 +396,11 @@ at::Tensor grouped_swiglu(const at::Tensor& x_in, const at::Tensor& offsets, con
 // slot_ids [T, K] from route_to_slots; topk_weights [T, K] float. Gathers x's rows in slot order, runs
 // grouped_swiglu, and sums each token's K outputs weighted: out[t] = sum_k w[t, k] y[t, k], where an
 // unroutable pair (slot -1) gets weight 0 and the others are rescaled to the full top-k mass. At decode
-// sizes the ten ATen calls this replaces cost as much as a fifth of the step.
-at::Tensor grouped_swiglu_combine(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& offsets,
-                                  const at::Tensor& slot_ids, const at::Tensor& topk_weights, const at::Tensor& w13,
-                                  const at::Tensor& w2) {
+// sizes the ten ATen calls this replaces cost as much as a fifth of the step. Into `out` ([T, H],
+// contiguous) where it is defined, else into a new tensor; returns it.
+at::Tensor grouped_swiglu_combine_into(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& offsets,
+                                       const at::Tensor& slot_ids, const at::Tensor& topk_weights,
+                                       const at::Tensor& w13, const at::Tensor& w2, at::Tensor out) {
   TORCH_CHECK(x_in.dim() == 2 && slot_ids.dim() == 2 && slot_ids.size(0) == x_in.size(0),
               "grouped_swiglu_combine: x must be [T, H] and slot_ids [T, K]");
   const int64_t T = x_in.size(0), K = slot_ids.size(1), H = x_in.size(1);
@@ -399,7 +418,7 @@ at::Tensor grouped_swiglu_combine(const at::Tensor& x_in, const at::Tensor& orde
     row_of[ord_p[i]] = i;
   }
   const auto x = x_in.contiguous();
-  auto x_rows = at::empty({T * K, H}, x.options());  // x's rows in slot order: row i is token ord[i] / K
+  auto x_rows = new_cpu({T * K, H}, x.options());  // x's rows in slot order: row i is token ord[i] / K
   const int64_t row_bytes = H * x.element_size();
   const char* x_p = static_cast<const char*>(x.data_ptr());
   char* rows_p = static_cast<char*>(x_rows.data_ptr());
@@ -409,7 +428,7 @@ at::Tensor grouped_swiglu_combine(const at::Tensor& x_in, const at::Tensor& orde
   const auto y_rows = grouped_swiglu(x_rows, offsets, w13, w2);  // [T*K, H]
   const auto slots = slot_ids.contiguous();
   const auto wts = topk_weights.contiguous();
-  auto out = at::empty({T, H}, x.options());
+  if (!out.defined()) out = new_cpu({T, H}, x.options());
   const int64_t* slot_p = slots.data_ptr<int64_t>();
   const float* w_p = wts.data_ptr<float>();
   const bool vectorised = skinny_gemm_available();  // swiglu_act.h's bf16 loops
@@ -446,6 +465,12 @@ at::Tensor grouped_swiglu_combine(const at::Tensor& x_in, const at::Tensor& orde
   return out;
 }
 
+at::Tensor grouped_swiglu_combine(const at::Tensor& x, const at::Tensor& order, const at::Tensor& offsets,
+                                  const at::Tensor& slot_ids, const at::Tensor& topk_weights, const at::Tensor& w13,
+                                  const at::Tensor& w2) {
+  return grouped_swiglu_combine_into(x, order, offsets, slot_ids, topk_weights, w13, w2, at::Tensor());
+}
+
 // Inference: a softmax-routed MoE block's forward in one call, route_tokens then grouped_swiglu_combine
 // with the top-k weights times `scaling`: x [..., H] -> (out [..., H], router_logits [T, E]), T tokens.
 // Right after a step has streamed its experts through the caches, every call from Python costs tens of
@@ -457,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor> moe_forward(const at::Tensor& x_in, const at:
                                                const at::Tensor& w13, const at::Tensor& w2, double scaling,
                                                const std::optional<at::Tensor>& load) {
   TORCH_CHECK(x_in.dim() >= 1, "moe_forward: x must be [..., H], got a scalar");
-  const auto x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});
+  const auto x = as_rows(x_in);
   check_experts(x, w13, w2);  // before route_tokens adds to `load`: a rejected call changes nothing
   TORCH_CHECK(w13.size(0) == num_slots, "moe_forward: w13 holds ", w13.size(0), " slots, num_slots is ", num_slots);
   auto [logits, topk_weights, topk_ids, slot_ids, order, offsets] =
@@ -466,8 +491,9 @@ std::tuple<at::Tensor, at::Tensor> moe_forward(const at::Tensor& x_in, const at:
     float* w_p = topk_weights.data_ptr<float>();
     for (int64_t i = 0; i < topk_weights.numel(); ++i) w_p[i] *= static_cast<float>(scaling);
   }
-  const auto out = grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2);
-  return {x_in.dim() == 2 ? out : out.view(x_in.sizes()), logits};
+  auto out = new_cpu(x_in.sizes(), x_in.options());  // x's shape: no view of a [T, H] result to make
+  grouped_swiglu_combine_into(x, order, offsets, slot_ids, topk_weights, w13, w2, as_rows(out));
+  return {out, logits};
 }
 
 // Recomputes the activations slot by slot (no saved [N, 2I] buffer) and returns
