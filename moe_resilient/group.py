@@ -361,7 +361,9 @@ class ElasticGroup:
             if undecided and time.monotonic() - since > self.heartbeat_timeout:  # silent: dead or hung
                 undecided &= self._alive_by_heartbeat(sorted(undecided), first)
             if not undecided or waited > self.agree_timeout:
-                proposal = [r for r in members if r in checked]
+                # a member can check in and die before the decision (a node lost rank by rank)
+                died = {r for r in checked - {self.rank} if r in gone or self.store.check([f"dead/{r}"])}
+                proposal = [r for r in members if r in checked and r not in died]
                 self.store.compare_set(f"gen/{g}/decision", "", json.dumps(proposal))
                 break
             time.sleep(0.0005)
@@ -372,8 +374,41 @@ class ElasticGroup:
         self.store.compare_set(f"gen/{g + 1}/members", "", json.dumps(survivors))
         self.store.compare_set(f"gen/{g + 1}/admitted", "", str(self._admitted))
         self.store.compare_set("gen", str(g), str(g + 1))
-        self._enter(g + 1)
-        return lost
+        if not self._missing(g + 1, survivors):
+            try:
+                self._enter(g + 1)
+                return lost
+            except Exception:  # gloo's rendezvous waited for a member that died right after showing up
+                pass
+        # agree again, one generation on, among those who showed up: every survivor comes here alike
+        self.generation, self.members = g + 1, tuple(survivors)
+        return sorted(set(lost) | set(self._agree()))
+
+    def _missing(self, g: int, members) -> set[int]:
+        """Before generation g's gloo group forms (its rendezvous waits for every member for gloo's
+        whole deadline, then fails): wait until every member has shown up, or one that has not is known
+        dead (off the board, a launcher notice, no heartbeat for heartbeat_timeout). Returns the dead
+        (empty: all are here)."""
+        here = f"gen/{g}/here"
+        self.store.set(f"{here}/{self.rank}", "1")
+        self.store.add(here, 1)
+        others = [r for r in members if r != self.rank]
+        first = since = last_poll = None
+        while int(self.store.add(here, 0)) < len(members):
+            now = time.monotonic()
+            if first is None:
+                first, since, last_poll = self._heartbeats(others), now, now
+            elif now - last_poll >= self.poll_interval:  # who is missing, and is any of them dead
+                last_poll = now
+                absent = [r for r in others if not self.store.check([f"{here}/{r}"])]
+                dead = set(self._board.dead(absent)) if self._board else set()
+                dead |= {r for r in absent if self.store.check([f"dead/{r}"])}
+                if not dead and now - since > self.heartbeat_timeout:
+                    dead = set(absent) - self._alive_by_heartbeat(absent, first)
+                if dead:
+                    return dead
+            time.sleep(0.0005)
+        return set()
 
     # ----------------------------------------------------------------------------------- joins
     def pending_admission(self) -> bool:

@@ -197,6 +197,64 @@ def test_slow_peer_is_waited_for_and_a_stuck_one_excluded(tmp_path):
     assert kind == "FencedError" and "presumed dead" in message
 
 
+CHECKED_IN_THEN_DEAD = """
+import json, os, signal, sys, time
+import torch
+from moe_resilient.group import ElasticGroup
+group = ElasticGroup.from_env(timeout=10.0, heartbeat_timeout=0.5, agree_timeout=5.0).start()
+if group.rank == 2:  # meets the failure, checks in to the agreement, dies before the next group forms
+    def check_in_and_die(*args):
+        g = group.generation
+        group.store.add(f"gen/{g}/checkin_bits", 1 << group.rank)
+        if sys.argv[2] == "after-decision":
+            group.store.wait([f"gen/{g}/decision"])
+        os.kill(os.getpid(), signal.SIGKILL)
+    group._agree = check_in_and_die
+t = torch.ones(1)
+group.all_reduce(t)
+group.store.add("warm", 1)  # every rank past the first collective before rank 3 dies
+while int(group.store.add("warm", 0)) < 4:
+    time.sleep(0.001)
+if group.rank == 3:
+    os.kill(os.getpid(), signal.SIGKILL)
+start = time.monotonic()
+try:
+    group.all_reduce(t)
+    log = {"first": ["ok"]}
+except Exception as exc:
+    log = {"first": [type(exc).__name__, str(exc), list(group.members), group.generation, time.monotonic() - start]}
+t = torch.ones(1)
+group.all_reduce(t)
+log["after"] = t.item()
+open(os.path.join(sys.argv[1], f"rank{group.rank}.json"), "w").write(json.dumps(log))
+group.finish()
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("when", ["before-decision", "after-decision"])
+def test_member_that_checks_in_then_dies_is_agreed_away(tmp_path, when):
+    """A node lost rank by rank: rank 3 dies, rank 2 meets the failure, checks in to the agreement and
+    dies, before the decision or after it (then the decision names it, and the survivors' new gloo
+    group would wait for it for gloo's whole deadline, 30 s, and fail). The survivors leave it out of
+    the decision, or find it missing before the new group forms and agree once more; either way they go
+    on without both, well inside that deadline."""
+    script = tmp_path / "checked_in_then_dead.py"
+    script.write_text(CHECKED_IN_THEN_DEAD)
+    cmd = [sys.executable, str(script), str(tmp_path), when]
+    with Launcher(4, cmd, log_dir=str(tmp_path / "logs")) as launcher:
+        codes = launcher.wait(90)
+    assert codes == {0: 0, 1: 0, 2: -signal.SIGKILL, 3: -signal.SIGKILL}, (codes, launcher.exits)
+    for r in (0, 1):
+        log = json.load(open(tmp_path / f"rank{r}.json"))
+        kind, message, members, generation, seconds = log["first"]
+        assert kind == "RankFailure" and "lost ranks [2, 3]" in message, log
+        assert members == [0, 1] and seconds < 20, log
+        if when == "after-decision":  # generation 1 named rank 2; the survivors agreed once more
+            assert generation == 2, log
+        assert log["after"] == 2.0
+
+
 def test_mismatched_placement_across_ranks_is_refused(tmp_path, reference):
     launcher, out = _drill(tmp_path, reference, steps=3, extra=["--perturb-placement"])
     with launcher:
