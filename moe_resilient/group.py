@@ -374,15 +374,11 @@ class ElasticGroup:
         self.store.compare_set(f"gen/{g + 1}/members", "", json.dumps(survivors))
         self.store.compare_set(f"gen/{g + 1}/admitted", "", str(self._admitted))
         self.store.compare_set("gen", str(g), str(g + 1))
-        if not self._missing(g + 1, survivors):
-            try:
-                self._enter(g + 1)
-                return lost
-            except Exception:  # gloo's rendezvous waited for a member that died right after showing up
-                pass
-        # agree again, one generation on, among those who showed up: every survivor comes here alike
-        self.generation, self.members = g + 1, tuple(survivors)
-        return sorted(set(lost) | set(self._agree()))
+        if self._missing(g + 1, survivors):  # agree again, one generation on: every survivor comes here alike
+            self.generation, self.members = g + 1, tuple(survivors)
+            return sorted(set(lost) | set(self._agree()))
+        self._enter(g + 1)  # a member dying between showing up and gloo's rendezvous still fails it
+        return lost
 
     def _missing(self, g: int, members) -> set[int]:
         """Before generation g's gloo group forms (its rendezvous waits for every member for gloo's
