@@ -166,7 +166,7 @@ def check_placement_consistent(layers: dict[str, ResilientMoE], group: ElasticGr
     _all_reduce_checked(layers, group, torch.zeros(0))
 
 
-def recover_across_ranks(model: nn.Module, lost_ranks, group: ElasticGroup,
+def recover_across_ranks(model: nn.Module, lost_ranks, group: ElasticGroup, *, step: int | None = None,
                          **recover_kwargs) -> tuple[list[int], RecoveryReport]:
     """After a RankFailure under expert parallelism, on every survivor: one all-reduce sums the
     layers' load counters over the survivors (so the plan is load-aware and alike on every rank) and
@@ -174,15 +174,23 @@ def recover_across_ranks(model: nn.Module, lost_ranks, group: ElasticGroup,
     it owns). recover is deterministic in its inputs, so equal inputs give equal placements, and no
     second collective is needed. A rank lost before the all-reduce completes makes it raise: repair
     for it too. One lost later is met by the next step. Returns every rank lost on the way and the
-    report."""
+    report. ``step``: the step this rank met the failure in; the same all-reduce gives every
+    survivor's in ``report.member_steps`` (a collective can complete on one member, which had every
+    peer's data, and fail on another, so they can differ by one)."""
     layers = resilient_layers(model)
     lost = sorted(lost_ranks)
     while True:
         try:
             local = torch.cat([layer.expert_load for layer in layers.values()])
-            counts = _all_reduce_checked(layers, group, local).long()
+            steps = torch.zeros(group.world_size if step is not None else 0)
+            if step is not None:
+                steps[group.rank] = step + 1  # 0: not a member
+            summed = _all_reduce_checked(layers, group, torch.cat([local.double(), steps.double()]))
+            counts = summed[:local.numel()].long()
             load = dict(zip(layers, counts.split([layer.config.num_experts for layer in layers.values()])))
-            return lost, recover(model, lost, local_rank=group.rank, load=load, **recover_kwargs)
+            report = recover(model, lost, local_rank=group.rank, load=load, **recover_kwargs)
+            report.member_steps = {r: int(v) - 1 for r, v in enumerate(summed[local.numel():].tolist()) if v > 0}
+            return lost, report
         except RankFailure as again:
             lost = sorted(set(lost) | set(again.lost_ranks))
 

@@ -124,13 +124,19 @@ def worker(args) -> int:
                 t_detect = t_agreed - (time.monotonic() - group.last_failure_detect_s)
                 if args.die_during_recovery == rank:  # test: a second rank lost while the first is repaired
                     os.kill(os.getpid(), signal.SIGKILL)
-                lost, report = recover_across_ranks(model, failure.lost_ranks, group, shadow=shadow,
+                lost, report = recover_across_ranks(model, failure.lost_ranks, group, step=step, shadow=shadow,
                                                      topology=planner.Topology(group.world_size, group.world_size))
                 emit(event="failure", step=step, lost=lost, t_detect=t_detect, t_agreed=t_agreed,
                      t_recovered=time.time(), graphs=graphs, gen=group.generation,
                      recovery=report.summary(), uncovered=report.uncovered,
                      cause=str(failure))
-                pending += [(step, r) for r in lost]
+                # The survivors may have met the failure one step apart (a collective can complete on
+                # one and fail on another): all go on from the latest, and with it re-run the lost
+                # ranks' batches from the earliest and any survivor's own that it did not complete.
+                met = report.member_steps
+                first, step = min(met.values()), max(met.values())
+                pending += [(s, r) for r in lost for s in range(first, step + 1)]
+                pending += [(s, r) for r, at in sorted(met.items()) for s in range(at, step)]
                 continue
             except FencedError as exc:
                 emit(event="fenced", t=time.time(), error=str(exc))

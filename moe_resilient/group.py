@@ -9,6 +9,7 @@ agent store, or the ``moe-resilient launch`` process), so any rank, rank 0 inclu
     gen/{g}/checkin_bits     bit r set: survivor r reached agreement after a failure in generation g
     gen/{g}/decision         members of generation g+1 (compare_set: the first proposal wins, so
                              every survivor adopts the same membership)
+    gen/{g}/here, here/{r}   count of members of g that have shown up before its gloo rendezvous
     hb/{r}                   heartbeat counter of rank r (control channel, own connection/thread)
     dead/{r}                 set by a launcher that saw rank r exit
     join/count, join/seq/{i} a replacement asks to be admitted (i-th request names its rank)
@@ -18,9 +19,11 @@ Failure detection: a collective that errors (a crashed peer's connections reset,
 freed its memory); while a collective waits, a peer gone from the launcher's liveness board (at once,
 see liveness.py), a member's heartbeat that stops advancing (a hung peer), a launcher's death notice,
 or a survivor that has already begun agreement. A slow peer whose heartbeat advances is waited for.
-Survivors check in and propose everyone who neither checked in nor is alive by heartbeat; the first
-proposal stored wins. A rank left out of the decision is fenced: it gets FencedError and never
-touches the new generation's communicator. The old gloo group is shut down a second later on a
+Survivors check in and propose those who checked in and are not known dead since; the first proposal
+stored wins. A rank left out of the decision is fenced: it gets FencedError and never touches the new
+generation's communicator. A member named in the decision that dies before the new gloo group forms
+(a node lost rank by rank) is found missing before the rendezvous, which would wait for it for gloo's
+whole deadline, and the survivors agree once more. The old gloo group is shut down a second later on a
 background thread (see ``_retire``), off the recovery pause.
 
 Joins ride the data path: ``exchange_counts`` (the all-to-all of split sizes that every EP step does

@@ -36,6 +36,8 @@ class RecoveryReport:
     uncovered: dict[str, list[int]] = field(default_factory=dict)
     single_homed: dict[str, list[int]] = field(default_factory=dict)
     recompiles: int = 0
+    # recover_across_ranks(step=...): the step each survivor met the failure in, by rank
+    member_steps: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_seconds(self) -> float:

@@ -255,6 +255,33 @@ def test_member_that_checks_in_then_dies_is_agreed_away(tmp_path, when):
         assert log["after"] == 2.0
 
 
+MEMBER_STEPS = """
+import json, os, sys
+from moe_resilient import MoEConfig, ResilientMoE
+from moe_resilient.dispatch import recover_across_ranks
+from moe_resilient.group import ElasticGroup
+group = ElasticGroup.from_env(timeout=10.0).start()
+layer = ResilientMoE(MoEConfig(16, 32, 4, 2, num_slots=6, world_size=3))
+lost, report = recover_across_ranks(layer, [], group, step=10 + group.rank % 2)
+open(os.path.join(sys.argv[1], f"rank{group.rank}.json"), "w").write(json.dumps(report.member_steps))
+group.finish()
+os._exit(0)
+"""
+
+
+def test_recover_across_ranks_tells_each_survivor_where_the_others_stood(tmp_path):
+    """Survivors can meet a failure one step apart (a collective completes on a member that had every
+    peer's data and fails on another); the recovery's all-reduce gives each the others' steps, so all
+    can go on from the same step (the drill re-runs what was not completed for sure)."""
+    script = tmp_path / "member_steps.py"
+    script.write_text(MEMBER_STEPS)
+    with Launcher(3, [sys.executable, str(script), str(tmp_path)], log_dir=str(tmp_path / "logs")) as launcher:
+        codes = launcher.wait(60)
+    assert codes == {0: 0, 1: 0, 2: 0}, codes
+    for r in range(3):
+        assert json.load(open(tmp_path / f"rank{r}.json")) == {"0": 10, "1": 11, "2": 10}
+
+
 def test_mismatched_placement_across_ranks_is_refused(tmp_path, reference):
     launcher, out = _drill(tmp_path, reference, steps=3, extra=["--perturb-placement"])
     with launcher:

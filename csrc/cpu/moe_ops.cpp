@@ -346,7 +346,7 @@ void skinny_swiglu(const at::Tensor& x, const std::vector<int64_t>& off, const a
 }
 
 std::vector<int64_t> offsets_vector(const at::Tensor& offsets, int64_t num_rows) {
-  const auto o = (offsets.is_cpu() ? offsets : offsets.to(at::kCPU)).contiguous();  // no call when it is already
+  const auto o = (offsets.is_cpu() ? offsets : offsets.to(at::kCPU)).contiguous();  // .to() is a dispatched call
   std::vector<int64_t> v(o.data_ptr<int64_t>(), o.data_ptr<int64_t>() + o.numel());
   TORCH_CHECK(v.front() >= 0 && v.back() <= num_rows, "grouped_swiglu: offsets outside [0, ", num_rows, "]");
   for (size_t s = 1; s < v.size(); ++s)
