@@ -343,6 +343,11 @@ class ElasticGroup:
         now = self._heartbeats(candidates)
         return {r for r in candidates if now[r] != since[r]}
 
+    def _known_dead(self, ranks) -> set[int]:
+        """Those of ``ranks`` off the liveness board (a local probe) or with a launcher's death notice."""
+        gone = set(self._board.dead(ranks)) if self._board else set()
+        return gone | {r for r in ranks if r not in gone and self.store.check([f"dead/{r}"])}
+
     def _agree(self, heartbeats: tuple[dict, float] | None = None) -> list[int]:
         """After a failed collective: check in, wait until each member has checked in or is known
         dead (off the liveness board, a launcher notice, or no heartbeat for heartbeat_timeout),
@@ -358,14 +363,14 @@ class ElasticGroup:
         while not self.store.check([f"gen/{g}/decision"]):
             mask = int(self.store.add(bits, 0))
             checked = {r for r in members if mask >> r & 1}
-            gone = set(self._board.dead([r for r in members if r != self.rank])) if self._board else set()
-            undecided = {r for r in set(members) - checked - gone if not self.store.check([f"dead/{r}"])}
+            unchecked = [r for r in members if r not in checked]
+            undecided = set(unchecked) - self._known_dead(unchecked)
             waited = time.monotonic() - start
             if undecided and time.monotonic() - since > self.heartbeat_timeout:  # silent: dead or hung
                 undecided &= self._alive_by_heartbeat(sorted(undecided), first)
             if not undecided or waited > self.agree_timeout:
                 # a member can check in and die before the decision (a node lost rank by rank)
-                died = {r for r in checked - {self.rank} if r in gone or self.store.check([f"dead/{r}"])}
+                died = self._known_dead([r for r in members if r in checked and r != self.rank])
                 proposal = [r for r in members if r in checked and r not in died]
                 self.store.compare_set(f"gen/{g}/decision", "", json.dumps(proposal))
                 break
@@ -400,8 +405,7 @@ class ElasticGroup:
             elif now - last_poll >= self.poll_interval:  # who is missing, and is any of them dead
                 last_poll = now
                 absent = [r for r in others if not self.store.check([f"{here}/{r}"])]
-                dead = set(self._board.dead(absent)) if self._board else set()
-                dead |= {r for r in absent if self.store.check([f"dead/{r}"])}
+                dead = self._known_dead(absent)
                 if not dead and now - since > self.heartbeat_timeout:
                     dead = set(absent) - self._alive_by_heartbeat(absent, first)
                 if dead:
