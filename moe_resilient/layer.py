@@ -126,14 +126,15 @@ class TopKRouter(nn.Module):
 
     def fusable(self, x: torch.Tensor) -> bool:
         """Whether the fused ops (route_tokens, moe_forward) may stand in for calling this module on x:
-        serving (autograd off) on CPU, softmax scoring with no groups, bias or separate router dtype, and
-        no hooks to run (HF records router logits with a forward hook on the router). The config checks
-        come first: after a step has streamed its experts, each attribute read here costs microseconds."""
+        serving (autograd off) on CPU or CUDA, softmax scoring with no groups, bias or separate router
+        dtype, and no hooks to run (HF records router logits with a forward hook on the router). The config
+        checks come first: after a step has streamed its experts, each attribute read costs microseconds."""
         c = self.config
         if c.scoring != "softmax" or c.num_groups != 1 or c.router_dtype not in (None, x.dtype):
             return False
         hooked = self._forward_hooks or self._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
-        return self.e_score_correction_bias is None and not hooked and not torch.is_grad_enabled() and x.is_cpu
+        serving = not torch.is_grad_enabled() and (x.is_cpu or x.is_cuda)
+        return self.e_score_correction_bias is None and not hooked and serving
 
 
 class ResilientMoE(nn.Module):

@@ -1,6 +1,6 @@
 """Python side of the C++ ops in csrc/: fake kernels (so torch.compile traces them), autograd, and
 plain-PyTorch implementations of every op: the references tests and benchmarks check the C++ kernels
-against, registered as the ops' CUDA kernels too (csrc/ has CPU kernels only)."""
+against. The ops' CUDA kernels are in cuda_kernels.py (csrc/ has CPU kernels only)."""
 
 from __future__ import annotations
 
@@ -131,8 +131,9 @@ torch.library.register_autograd(
 
 # ---------------------------------------------------------------------------------------------
 # Plain PyTorch implementations, the same contracts and errors as the C++ ops: the references the C++
-# kernels are tested against, and the ops' kernels on CUDA, where csrc/ has none (correct, not tuned:
-# each call reads a few values back to the host, as the C++ checks do).
+# and CUDA kernels are tested against (correct, not fast: each call reads values back to the host, as
+# the C++ checks do, and loops over the slots). The *_args functions are their checks of shapes and
+# dtypes, which need nothing from the device.
 
 
 def combine(topk_weights: torch.Tensor, slot_ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -157,7 +158,8 @@ def _first(ids: torch.Tensor, bad: torch.Tensor) -> int:
     return int(ids[bad][0])
 
 
-def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False, load=None):
+def route_args(topk_ids, log2phy, logcnt, num_slots, load) -> tuple[int, int]:
+    """route_to_slots' checks of shapes and dtypes -> (E, R): logical experts, replica columns."""
     if topk_ids.dim() != 2:
         raise RuntimeError(f"route_to_slots: topk_ids must be [T, K], got {list(topk_ids.shape)}")
     if topk_ids.dtype != torch.long:
@@ -176,6 +178,12 @@ def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False,
     if load is not None and (load.dim() != 1 or load.shape[0] != E or load.dtype != torch.long
                              or not load.is_contiguous()):
         raise RuntimeError(f"route_to_slots: load must be a contiguous int64 [{E}], got {list(load.shape)}")
+    return E, R
+
+
+def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False, load=None):
+    E, R = route_args(topk_ids, log2phy, logcnt, num_slots, load)
+    identity = log2phy is None
     T = topk_ids.shape[0]
     ids = topk_ids.reshape(-1)
     out_of_range = (ids < 0) | (ids >= E)
@@ -209,9 +217,8 @@ def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False,
     return slot_ids, order, offsets
 
 
-def _busy_slots(x, offsets, w13, w2) -> list[tuple[int, int, int]]:
-    """The C++ op's checks (grouped_swiglu and its backward), then (slot, first row, end row) of every
-    slot that has rows."""
+def expert_args(x, offsets, w13, w2) -> None:
+    """grouped_swiglu's (and its backward's) checks of shapes and dtypes."""
     if x.dim() != 2:
         raise RuntimeError(f"grouped_swiglu: x must be [N, H], got {list(x.shape)}")
     if w13.dim() != 3 or w2.dim() != 3:
@@ -225,6 +232,12 @@ def _busy_slots(x, offsets, w13, w2) -> list[tuple[int, int, int]]:
         raise RuntimeError(f"grouped_swiglu: offsets must be int64 [S+1] = [{S + 1}]")
     if not x.dtype == w13.dtype == w2.dtype:
         raise RuntimeError("grouped_swiglu: dtype mismatch between x and expert weights")
+
+
+def _busy_slots(x, offsets, w13, w2) -> list[tuple[int, int, int]]:
+    """The C++ op's checks (grouped_swiglu and its backward), then (slot, first row, end row) of every
+    slot that has rows."""
+    expert_args(x, offsets, w13, w2)
     bounds = offsets.tolist()
     if bounds[0] < 0 or bounds[-1] > x.shape[0]:
         raise RuntimeError(f"grouped_swiglu: offsets outside [0, {x.shape[0]}]")
@@ -264,7 +277,8 @@ def grouped_swiglu_backward_reference(grad_out, x, offsets, w13, w2):
     return grad_x, grad_w13, grad_w2
 
 
-def grouped_swiglu_combine_reference(x, order, offsets, slot_ids, topk_weights, w13, w2):
+def combine_args(x, order, slot_ids, topk_weights) -> None:
+    """grouped_swiglu_combine's checks of shapes and dtypes (the experts' are expert_args)."""
     if x.dim() != 2 or slot_ids.dim() != 2 or slot_ids.shape[0] != x.shape[0]:
         raise RuntimeError("grouped_swiglu_combine: x must be [T, H] and slot_ids [T, K]")
     T, K = slot_ids.shape
@@ -274,13 +288,19 @@ def grouped_swiglu_combine_reference(x, order, offsets, slot_ids, topk_weights, 
         raise RuntimeError("grouped_swiglu_combine: slot_ids must be int64")
     if topk_weights.shape != slot_ids.shape or topk_weights.dtype != torch.float32:
         raise RuntimeError(f"grouped_swiglu_combine: topk_weights must be float32 {list(slot_ids.shape)}")
+
+
+def grouped_swiglu_combine_reference(x, order, offsets, slot_ids, topk_weights, w13, w2):
+    combine_args(x, order, slot_ids, topk_weights)
+    T, K = slot_ids.shape
     if not torch.equal(torch.sort(order).values, torch.arange(T * K, device=order.device)):
         raise RuntimeError(f"grouped_swiglu_combine: order is not a permutation of [0, {T * K})")
     return gather_experts_combine(x, order, offsets, slot_ids, topk_weights,
                                   lambda rows, offsets: grouped_swiglu_reference(rows, offsets, w13, w2))
 
 
-def route_tokens_reference(x, weight, k, normalize, log2phy, logcnt, num_slots, strict=False, load=None):
+def router_args(x, weight, k) -> None:
+    """route_tokens' checks of shapes and dtypes."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise RuntimeError(f"route_tokens: x must be [T, H] and weight [E, H], got {list(x.shape)} and "
                            f"{list(weight.shape)}")
@@ -288,10 +308,20 @@ def route_tokens_reference(x, weight, k, normalize, log2phy, logcnt, num_slots, 
         raise RuntimeError("route_tokens: x and weight dtypes differ")
     if not 1 <= k <= weight.shape[0]:
         raise RuntimeError(f"route_tokens: k = {k} outside [1, {weight.shape[0]}]")
+
+
+def softmax_router(x, weight, k, normalize):
+    """x [T, H], weight [E, H] -> (logits [T, E] in x's dtype, topk_weights [T, k] float32, topk_ids [T, k])."""
     logits = F.linear(x, weight)
     topk_weights, topk_ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
     if normalize:
         topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+    return logits, topk_weights, topk_ids
+
+
+def route_tokens_reference(x, weight, k, normalize, log2phy, logcnt, num_slots, strict=False, load=None):
+    router_args(x, weight, k)
+    logits, topk_weights, topk_ids = softmax_router(x, weight, k, normalize)
     routed = route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict, load)
     return (logits, topk_weights, topk_ids, *routed)
 
@@ -299,7 +329,7 @@ def route_tokens_reference(x, weight, k, normalize, log2phy, logcnt, num_slots, 
 def moe_forward_reference(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2, scaling=1.0,
                           load=None):
     tokens = x.reshape(-1, x.shape[-1])
-    _busy_slots(tokens, torch.zeros(w13.shape[0] + 1, dtype=torch.long), w13, w2)  # before `load` changes
+    expert_args(tokens, torch.zeros(w13.shape[0] + 1, dtype=torch.long), w13, w2)  # before `load` changes
     if w13.shape[0] != num_slots:
         raise RuntimeError(f"moe_forward: w13 holds {w13.shape[0]} slots, num_slots is {num_slots}")
     logits, topk_weights, _, slot_ids, order, offsets = route_tokens_reference(
@@ -308,12 +338,4 @@ def moe_forward_reference(x, gate_weight, k, normalize, log2phy, logcnt, num_slo
     return out.view(x.shape), logits
 
 
-for _name, _kernel in [
-    ("moe_forward", moe_forward_reference),
-    ("route_to_slots", route_to_slots_reference),
-    ("route_tokens", route_tokens_reference),
-    ("grouped_swiglu", grouped_swiglu_reference),
-    ("grouped_swiglu_backward", grouped_swiglu_backward_reference),
-    ("grouped_swiglu_combine", grouped_swiglu_combine_reference),
-]:
-    torch.library.register_kernel(f"moe_resilient::{_name}", "cuda", _kernel)
+from moe_resilient import cuda_kernels  # noqa: E402,F401  (registers the ops' CUDA kernels)

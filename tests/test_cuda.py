@@ -1,7 +1,8 @@
-"""The layer on a CUDA device, where the ops run their plain PyTorch kernels (ops.py; csrc/ has CPU
-kernels only): equal to the same layer on CPU forward and backward, compiled with zero recompiles
-across placement edits, the ops pass opcheck there, and a swapped HF model gives the original logits.
-Skipped without a GPU."""
+"""The layer on a CUDA device, where the ops run cuda_kernels.py (torch._grouped_mm for bf16, the plain
+references otherwise): equal to the same layer on CPU forward and backward, the compositions equal to the
+references there, a serving step that never waits on the device and replays placement edits from one
+captured CUDA graph, compiled with zero recompiles across placement edits, the ops pass opcheck there, and
+a swapped HF model gives the original logits. Skipped without a GPU."""
 
 import copy
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from moe_resilient import MoEConfig, ResilientMoE, ops
+from moe_resilient import MoEConfig, ResilientMoE, cuda_kernels, ops
 from reference import reference_moe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -59,6 +60,69 @@ def test_backward_equals_cpu():
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_grouped_mm_compositions_equal_references():
+    """bf16 on the GPU: the grouped GEMMs (forward, backward with its split-row weight gradients, empty
+    slots and unroutable rows included) against the references' per-slot products."""
+    cpu, gpu = _layers(torch.bfloat16)
+    gpu.placement.clear(1, allow_uncovered=True)  # expert 1: no live replica, its pairs unroutable
+    p, w13, w2 = gpu.placement, gpu.experts.w13.detach(), gpu.experts.w2.detach()
+    ids = torch.randint(0, E, (37, 2), device="cuda")
+    routed = ops.route_to_slots_reference(ids, p.log2phy, p.logcnt, 12)
+    for got, want in zip(cuda_kernels.route_to_slots(ids, p.log2phy, p.logcnt, 12), routed):
+        assert torch.equal(got, want)
+    slot_ids, order, offsets = routed
+    assert (slot_ids < 0).any() and (offsets[1:] == offsets[:-1]).any()
+    x = torch.randn(37, H, dtype=torch.bfloat16, device="cuda")
+    rows, grad = x[order // 2], torch.randn(74, H, dtype=torch.bfloat16, device="cuda")
+    tol = dict(rtol=2e-2, atol=2e-2)
+    assert cuda_kernels.grouped_mm_fits(rows, w13, w2)
+    torch.testing.assert_close(cuda_kernels.swiglu_rows(rows, offsets, w13, w2),
+                               ops.grouped_swiglu_reference(rows, offsets, w13, w2), **tol)
+    for got, want in zip(cuda_kernels.swiglu_rows_backward(grad, rows, offsets, w13, w2),
+                         ops.grouped_swiglu_backward_reference(grad, rows, offsets, w13, w2)):
+        torch.testing.assert_close(got, want, **tol)
+    weights = torch.rand(37, 2, device="cuda")
+    torch.testing.assert_close(cuda_kernels.combine_rows(x, order, offsets, slot_ids, weights, w13, w2),
+                               ops.grouped_swiglu_combine_reference(x, order, offsets, slot_ids, weights, w13, w2),
+                               **tol)
+
+
+def test_serving_never_syncs_and_a_captured_graph_follows_placement_edits():
+    """bf16 serving: no host sync in a step (the sync debug mode raises on any), so one CUDA graph
+    captures it; placement edits between replays change its output as they change eager's, with no
+    recapture, and every parameter and buffer keeps its address."""
+    cpu, gpu = _layers(torch.bfloat16)
+    x = torch.randn(2, 19, H, dtype=torch.bfloat16, device="cuda")
+    addresses = {n: t.data_ptr() for n, t in [*gpu.named_parameters(), *gpu.named_buffers()]}
+    with torch.no_grad():
+        gpu(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
+            gpu(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = gpu(x)
+        edits = [lambda m: m.add_replica(3, 10), lambda m: m.move_expert(4, 11), lambda m: m.placement.clear(8),
+                 lambda m: m.placement.clear(2, allow_uncovered=True)]
+        for edit in edits:
+            edit(gpu)
+            edit(cpu)
+            before = gpu.expert_load.clone()
+            graph.replay()
+            assert gpu.expert_load.sum() - before.sum() == 2 * 38  # the graph counts the load too
+            torch.testing.assert_close(captured, gpu(x), rtol=1.6e-2, atol=1e-3)
+            torch.testing.assert_close(captured.cpu(), cpu(x.cpu()), rtol=3e-2, atol=3e-2)
+    assert {n: t.data_ptr() for n, t in [*gpu.named_parameters(), *gpu.named_buffers()]} == addresses
+
+
 def test_compiled_placement_edits_never_recompile():
     torch._dynamo.reset()
     _, layer = _layers()
@@ -77,10 +141,11 @@ def test_compiled_placement_edits_never_recompile():
     torch._dynamo.reset()
 
 
-def test_opcheck_on_cuda():
-    _, layer = _layers()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the references; the grouped GEMMs
+def test_opcheck_on_cuda(dtype):
+    _, layer = _layers(dtype)
     p = layer.placement
-    x = torch.randn(7, H, device="cuda")
+    x = torch.randn(7, H, device="cuda", dtype=dtype)
     ids = torch.randint(0, E, (7, 2), device="cuda")
     slot_ids, order, offsets = ops.route_to_slots(ids, p.log2phy, p.logcnt, layer.config.num_slots)
     w13, w2 = layer.experts.w13.detach(), layer.experts.w2.detach()
