@@ -43,39 +43,38 @@ def _trusted(bad: torch.Tensor) -> bool:
     return not bool(bad)
 
 
-def choose_slots(topk_ids, log2phy, logcnt, num_slots: int, strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """route_to_slots' replica choice: topk_ids [T, K] -> (slot_ids [T, K] (-1: no live replica), the flag
-    of any value route_to_slots_reference rejects). Indices are clamped, so no value can fault."""
+def choose_slots(topk_ids, log2phy, logcnt, num_slots: int, check: bool = False,
+                 strict: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """route_to_slots' replica choice: topk_ids [T, K] -> (slot_ids [T, K], -1: no live replica; with
+    ``check``, the flag of any value route_to_slots_reference rejects, ``strict``'s too, else None).
+    Unchecked, the tables are trusted; the indices read through them are clamped, so none can fault."""
     E = num_slots if log2phy is None else log2phy.shape[0]
-    bad = ((topk_ids < 0) | (topk_ids >= E)).any()
+    bad = ((topk_ids < 0) | (topk_ids >= E)).any() if check else None
     if log2phy is None:
-        return topk_ids.clamp(0, num_slots - 1), bad
+        return topk_ids.clone(), bad
     R = log2phy.shape[1]
     ids = topk_ids.clamp(0, E - 1)
     cnt = logcnt[ids]
     token = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(1)
     chosen = log2phy[ids, token % cnt.clamp(1, R)]
-    bad = bad | ((cnt < 0) | (cnt > R)).any() | ((cnt > 0) & ((chosen < 0) | (chosen >= num_slots))).any()
-    if strict:
-        bad = bad | (cnt == 0).any()
-    return torch.where((cnt > 0) & (chosen >= 0) & (chosen < num_slots), chosen, -1), bad
+    if check:
+        bad = bad | ((cnt < 0) | (cnt > R)).any() | ((cnt > 0) & ((chosen < 0) | (chosen >= num_slots))).any()
+        if strict:
+            bad = bad | (cnt == 0).any()
+    return torch.where(cnt > 0, chosen, -1), bad
 
 
 def group_by_slot(slot_ids: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """slot_ids [T, K] -> (order [T*K] sorted by slot, unroutable last; offsets [S+1]). Counts by
-    scatter_add: bincount reads its maximum back to the host."""
+    """slot_ids [T, K] -> (order [T*K] sorted by slot, unroutable last; offsets [S+1]). Offsets by a
+    search of the sorted slots: bincount would read its maximum back to the host."""
     key = torch.where(slot_ids < 0, num_slots, slot_ids).reshape(-1)
-    order = torch.sort(key, stable=True).indices
-    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=key.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    offsets = torch.zeros(num_slots + 1, dtype=torch.long, device=key.device)
-    offsets[1:] = torch.cumsum(counts[:num_slots], 0)
-    return order, offsets
+    sorted_key, order = torch.sort(key, stable=True)
+    return order, torch.searchsorted(sorted_key, torch.arange(num_slots + 1, device=key.device))
 
 
 def route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict=False, load=None):
     E, _ = ops.route_args(topk_ids, log2phy, logcnt, num_slots, load)
-    slot_ids, bad = choose_slots(topk_ids, log2phy, logcnt, num_slots, strict)
+    slot_ids, bad = choose_slots(topk_ids, log2phy, logcnt, num_slots, check=True, strict=strict)
     if not _trusted(bad):
         return ops.route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict, load)
     if load is not None:  # only once every pair has passed the checks
@@ -90,15 +89,18 @@ def _offsets_bad(offsets: torch.Tensor, rows: int) -> torch.Tensor:
     return (offsets[0] != 0) | (offsets[-1] > rows) | (offsets[1:] < offsets[:-1]).any()
 
 
-def swiglu_rows(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """grouped_swiglu as two grouped GEMMs: x [N, H] grouped by slot, offsets [S+1] -> [N, H]; rows past
-    offsets[-1] (unroutable pairs) come out 0."""
-    ends = offsets[1:].to(torch.int32)
+def _swiglu(x: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """x [N, H], ends [S] int32 (slot s: rows ends[s-1] .. ends[s]) -> [N, H]; rows past ends[-1] unwritten."""
     inter = w13.shape[1] // 2
     h = torch._grouped_mm(x, w13.transpose(1, 2), offs=ends)
-    y = torch._grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], w2.transpose(1, 2), offs=ends)
-    past = torch.arange(x.shape[0], device=x.device).unsqueeze(1) >= offsets[-1]
-    return y.masked_fill_(past, 0)  # the GEMMs leave those rows unwritten
+    return torch._grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], w2.transpose(1, 2), offs=ends)
+
+
+def swiglu_rows(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """grouped_swiglu as two grouped GEMMs: x [N, H] grouped by slot, offsets [S+1] -> [N, H]; rows past
+    offsets[-1] come out 0."""
+    y = _swiglu(x, offsets[1:].to(torch.int32), w13, w2)
+    return y.masked_fill_(torch.arange(x.shape[0], device=x.device).unsqueeze(1) >= offsets[-1], 0)
 
 
 def grouped_swiglu(x, offsets, w13, w2):
@@ -138,11 +140,12 @@ def grouped_swiglu_backward(grad_out, x, offsets, w13, w2):
     return swiglu_rows_backward(grad_out.contiguous(), x, offsets, w13, w2)
 
 
-def combine_rows(x, order, offsets, slot_ids, topk_weights, w13, w2) -> torch.Tensor:
-    """grouped_swiglu_combine with every value already trusted: x [T, H] -> [T, H]."""
-    K = slot_ids.shape[1]
-    y_rows = swiglu_rows(x[order // K], offsets, w13, w2)
-    return ops.combine(topk_weights, slot_ids, torch.empty_like(y_rows).index_copy_(0, order, y_rows))
+def combine_rows(x, order, ends, slot_ids, topk_weights, w13, w2) -> torch.Tensor:
+    """grouped_swiglu_combine with every value already trusted, x [T, H] -> [T, H]; ends [S] int32 ends
+    slot s's rows in order, and ends[-1] = T*K: the last slot's GEMMs run over the unroutable rows too,
+    whose finite values combine weighs by 0 (unwritten rows could hold NaN, and NaN * 0 is NaN)."""
+    y = _swiglu(x[order // slot_ids.shape[1]], ends, w13, w2)
+    return ops.combine(topk_weights, slot_ids, torch.empty_like(y).index_copy_(0, order, y))
 
 
 def _combine_bad(x, order, offsets) -> torch.Tensor:
@@ -155,10 +158,12 @@ def _combine_bad(x, order, offsets) -> torch.Tensor:
 
 def grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2):
     ops.combine_args(x, order, slot_ids, topk_weights)
-    ops.expert_args(x, torch.zeros(w13.shape[0] + 1, dtype=torch.long), w13, w2)
+    ops.expert_args(x, None, w13, w2)
     if not grouped_mm_fits(x, w13, w2) or not _trusted(_combine_bad(x, order, offsets)):
         return ops.grouped_swiglu_combine_reference(x, order, offsets, slot_ids, topk_weights, w13, w2)
-    return combine_rows(x, order, offsets, slot_ids, topk_weights, w13, w2)
+    ends = offsets[1:].to(torch.int32)
+    ends.select(0, -1).fill_(order.shape[0])
+    return combine_rows(x, order, ends, slot_ids, topk_weights, w13, w2)
 
 
 def route_tokens(x, weight, k, normalize, log2phy, logcnt, num_slots, strict=False, load=None):
@@ -172,19 +177,24 @@ def moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict
     args = (x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2, scaling, load)
     if not grouped_mm_fits(tokens, w13, w2):
         return ops.moe_forward_reference(*args)
-    ops.expert_args(tokens, torch.zeros(w13.shape[0] + 1, dtype=torch.long), w13, w2)
+    ops.expert_args(tokens, None, w13, w2)
     if w13.shape[0] != num_slots:
         raise RuntimeError(f"moe_forward: w13 holds {w13.shape[0]} slots, num_slots is {num_slots}")
     ops.router_args(tokens, gate_weight, k)
     logits, topk_weights, topk_ids = ops.softmax_router(tokens, gate_weight, k, normalize)
     ops.route_args(topk_ids, log2phy, logcnt, num_slots, load)
-    slot_ids, bad = choose_slots(topk_ids, log2phy, logcnt, num_slots, strict)
+    slot_ids, bad = choose_slots(topk_ids, log2phy, logcnt, num_slots, check=strict, strict=strict)
     if strict and not _trusted(bad):  # the reference raises the precise error, before `load` changes
         return ops.moe_forward_reference(*args)
     if load is not None:  # topk's ids are in range
         load.index_add_(0, topk_ids.reshape(-1), torch.ones_like(topk_ids.reshape(-1)))
-    order, offsets = group_by_slot(slot_ids, num_slots)
-    out = combine_rows(tokens, order, offsets, slot_ids, topk_weights * scaling, w13, w2)
+    # Unroutable pairs (-1) and, from a bad table, slots out of range ride with the last slot (see
+    # combine_rows), so the slot ends come straight from one search.
+    sorted_key, order = torch.sort(slot_ids.reshape(-1).remainder(num_slots), stable=True)
+    ends = torch.searchsorted(sorted_key, torch.arange(1, num_slots + 1, device=x.device), out_int32=True)
+    if scaling != 1.0:
+        topk_weights = topk_weights * scaling
+    out = combine_rows(tokens, order, ends, slot_ids, topk_weights, w13, w2)
     return out.view(x.shape), logits
 
 for _name, _kernel in [

@@ -64,10 +64,14 @@ def moe_forward(
     grouped_swiglu_combine with the top-k weights times ``scaling``. x [..., H] (T tokens), gate weight
     [E, H], w13 [S, 2I, H], w2 [S, H, I] -> (out [..., H], router_logits [T, E]). Eager CPU calls skip
     the dispatcher (csrc/eager_calls.cpp): after a step has streamed its experts through the caches, its
-    door costs ~25 us more per call."""
-    if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return _C.moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2,
-                              float(scaling), load)
+    door costs ~25 us more per call. Eager CUDA calls likewise call cuda_kernels.moe_forward directly."""
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if x.is_cpu:
+            return _C.moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2,
+                                  float(scaling), load)
+        if x.is_cuda:  # the CUDA kernel itself, without the dispatcher's way back into Python
+            return cuda_kernels.moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13,
+                                            w2, scaling, load)
     return _ops.moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2, scaling, load)
 
 
@@ -218,7 +222,7 @@ def route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict=False,
 
 
 def expert_args(x, offsets, w13, w2) -> None:
-    """grouped_swiglu's (and its backward's) checks of shapes and dtypes."""
+    """grouped_swiglu's (and its backward's) checks of shapes and dtypes; offsets None: the experts' alone."""
     if x.dim() != 2:
         raise RuntimeError(f"grouped_swiglu: x must be [N, H], got {list(x.shape)}")
     if w13.dim() != 3 or w2.dim() != 3:
@@ -228,7 +232,7 @@ def expert_args(x, offsets, w13, w2) -> None:
         raise RuntimeError(f"grouped_swiglu: w13 {list(w13.shape)} and w2 {list(w2.shape)} disagree")
     if x.shape[1] != H:
         raise RuntimeError(f"grouped_swiglu: x has hidden size {x.shape[1]}, experts expect {H}")
-    if offsets.dim() != 1 or offsets.shape[0] != S + 1 or offsets.dtype != torch.long:
+    if offsets is not None and (offsets.dim() != 1 or offsets.shape[0] != S + 1 or offsets.dtype != torch.long):
         raise RuntimeError(f"grouped_swiglu: offsets must be int64 [S+1] = [{S + 1}]")
     if not x.dtype == w13.dtype == w2.dtype:
         raise RuntimeError("grouped_swiglu: dtype mismatch between x and expert weights")
@@ -313,7 +317,7 @@ def router_args(x, weight, k) -> None:
 def softmax_router(x, weight, k, normalize):
     """x [T, H], weight [E, H] -> (logits [T, E] in x's dtype, topk_weights [T, k] float32, topk_ids [T, k])."""
     logits = F.linear(x, weight)
-    topk_weights, topk_ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+    topk_weights, topk_ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k, dim=-1)
     if normalize:
         topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
     return logits, topk_weights, topk_ids
@@ -329,7 +333,7 @@ def route_tokens_reference(x, weight, k, normalize, log2phy, logcnt, num_slots, 
 def moe_forward_reference(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2, scaling=1.0,
                           load=None):
     tokens = x.reshape(-1, x.shape[-1])
-    expert_args(tokens, torch.zeros(w13.shape[0] + 1, dtype=torch.long), w13, w2)  # before `load` changes
+    expert_args(tokens, None, w13, w2)  # before `load` changes
     if w13.shape[0] != num_slots:
         raise RuntimeError(f"moe_forward: w13 holds {w13.shape[0]} slots, num_slots is {num_slots}")
     logits, topk_weights, _, slot_ids, order, offsets = route_tokens_reference(
@@ -338,4 +342,4 @@ def moe_forward_reference(x, gate_weight, k, normalize, log2phy, logcnt, num_slo
     return out.view(x.shape), logits
 
 
-from moe_resilient import cuda_kernels  # noqa: E402,F401  (registers the ops' CUDA kernels)
+from moe_resilient import cuda_kernels  # noqa: E402  (registers the ops' CUDA kernels)

@@ -26,6 +26,12 @@ def _exact_fp32():
     yield
     torch.backends.cuda.matmul.allow_tf32 = previous
 
+def _ends(offsets, order):
+    """combine_rows' slot ends: offsets[1:] as int32, the last at the row count (it takes the unroutable rows)."""
+    ends = offsets[1:].to(torch.int32)
+    ends[-1] = order.shape[0]
+    return ends
+
 
 def _layers(dtype=torch.float32):
     torch.manual_seed(0)
@@ -82,7 +88,7 @@ def test_grouped_mm_compositions_equal_references():
                          ops.grouped_swiglu_backward_reference(grad, rows, offsets, w13, w2)):
         torch.testing.assert_close(got, want, **tol)
     weights = torch.rand(37, 2, device="cuda")
-    torch.testing.assert_close(cuda_kernels.combine_rows(x, order, offsets, slot_ids, weights, w13, w2),
+    torch.testing.assert_close(cuda_kernels.combine_rows(x, order, _ends(offsets, order), slot_ids, weights, w13, w2),
                                ops.grouped_swiglu_combine_reference(x, order, offsets, slot_ids, weights, w13, w2),
                                **tol)
 
