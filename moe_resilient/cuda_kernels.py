@@ -3,10 +3,11 @@ slots, where the references loop over them).
 
 Serving never waits on the GPU: ``moe_forward`` (the layer's serving call) reads nothing back to the
 host, so a step runs ahead of the device and a CUDA graph can capture it; placement edits then change
-what a captured graph reads, never the graph. It trusts the replica tables it is given (the layer passes
-ExpertPlacement's, which its mutators validate on the host) and clamps every index, so a bad value
-cannot fault; only ``strict`` (degraded="raise") reads one flag back, to raise for a pair with no live
-replica, and inside a captured graph, which cannot read anything back, such a pair is dropped as
+what a captured graph reads, never the graph. It trusts the replica tables it is given to be as
+ExpertPlacement keeps them (validated on the host by its mutators; -1 past each expert's count), yet
+reads only within bounds whatever they hold: expert ids come from top-k and replica columns are clamped
+into the table. Only ``strict`` (degraded="raise") reads one flag back, to raise for a pair with no live
+replica; inside a captured graph, which cannot read anything back, such a pair is dropped as
 "renormalize" drops it.
 
 The other ops take arbitrary orders, offsets and ids, so they check shapes and dtypes on the host and
@@ -20,6 +21,8 @@ kernel too."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +35,12 @@ def grouped_mm_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> boo
     H, two_i = w13.shape[2], w13.shape[1]
     fits = (hasattr(torch, "_grouped_mm") and x.dtype == w13.dtype == w2.dtype == torch.bfloat16
             and x.shape[0] > 0 and H % 8 == 0 and two_i % 16 == 0)
-    return fits and (not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (8, 0))
+    return fits and (not x.is_cuda or _capability(x.device.index) >= (8, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _trusted(bad: torch.Tensor) -> bool:
@@ -141,11 +149,17 @@ def grouped_swiglu_backward(grad_out, x, offsets, w13, w2):
 
 
 def combine_rows(x, order, ends, slot_ids, topk_weights, w13, w2) -> torch.Tensor:
-    """grouped_swiglu_combine with every value already trusted, x [T, H] -> [T, H]; ends [S] int32 ends
-    slot s's rows in order, and ends[-1] = T*K: the last slot's GEMMs run over the unroutable rows too,
-    whose finite values combine weighs by 0 (unwritten rows could hold NaN, and NaN * 0 is NaN)."""
-    y = _swiglu(x[order // slot_ids.shape[1]], ends, w13, w2)
-    return ops.combine(topk_weights, slot_ids, torch.empty_like(y).index_copy_(0, order, y))
+    """grouped_swiglu_combine with every value already trusted, x [T, H] -> [T, H]. ends [S] int32: where
+    each slot's rows end in ``order``; they cover every row, the unroutable ones riding with some slot,
+    whose GEMMs give them finite values that the combine weighs by 0 (rows a grouped GEMM leaves
+    unwritten could hold NaN, and NaN * 0 is NaN)."""
+    T, K = slot_ids.shape
+    y = _swiglu(x[order // K], ends, w13, w2)
+    y = torch.empty_like(y).index_copy_(0, order, y)
+    # ops.combine in fewer launches: the degraded step's rescaling, then the k-sum in fp32.
+    live = topk_weights.masked_fill(slot_ids < 0, 0.0)
+    weights = live * (topk_weights.sum(-1, keepdim=True) / live.sum(-1, keepdim=True).clamp_min(1e-20))
+    return (y.view(T, K, -1) * weights.unsqueeze(-1)).sum(1).to(y.dtype)
 
 
 def _combine_bad(x, order, offsets) -> torch.Tensor:
@@ -183,14 +197,21 @@ def moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict
     ops.router_args(tokens, gate_weight, k)
     logits, topk_weights, topk_ids = ops.softmax_router(tokens, gate_weight, k, normalize)
     ops.route_args(topk_ids, log2phy, logcnt, num_slots, load)
-    slot_ids, bad = choose_slots(topk_ids, log2phy, logcnt, num_slots, check=strict, strict=strict)
-    if strict and not _trusted(bad):  # the reference raises the precise error, before `load` changes
-        return ops.moe_forward_reference(*args)
+    if log2phy is None:
+        slot_ids = topk_ids
+    else:  # route_to_slots' choice, trusting ExpertPlacement's invariant: log2phy is -1 past each count
+        cnt = logcnt[topk_ids]
+        if strict and not _trusted((cnt == 0).any()):  # the reference raises, before `load` changes
+            return ops.moe_forward_reference(*args)
+        token = torch.arange(topk_ids.shape[0], device=x.device).unsqueeze(1)
+        slot_ids = log2phy[topk_ids, token % cnt.clamp(1, log2phy.shape[1])]
     if load is not None:  # topk's ids are in range
-        load.index_add_(0, topk_ids.reshape(-1), torch.ones_like(topk_ids.reshape(-1)))
-    # Unroutable pairs (-1) and, from a bad table, slots out of range ride with the last slot (see
-    # combine_rows), so the slot ends come straight from one search.
-    sorted_key, order = torch.sort(slot_ids.reshape(-1).remainder(num_slots), stable=True)
+        flat = topk_ids.view(-1)
+        load.index_add_(0, flat, torch.ones_like(flat))
+    # Unroutable pairs (-1) sort first and ride with slot 0 (see combine_rows): the slot ends come
+    # straight from one search. Slots out of range (a bad table) sort past the last end: those rows stay
+    # unwritten, their tokens' outputs undefined, but nothing is read out of bounds.
+    sorted_key, order = torch.sort(slot_ids.view(-1), stable=True)
     ends = torch.searchsorted(sorted_key, torch.arange(1, num_slots + 1, device=x.device), out_int32=True)
     if scaling != 1.0:
         topk_weights = topk_weights * scaling

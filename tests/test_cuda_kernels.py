@@ -104,12 +104,12 @@ def test_bad_values_raise_the_references_errors():
 
 
 def test_moe_forward_trusts_tables_without_faulting():
-    """Serving reads nothing back, so it cannot raise for a replica table that names slots out of range:
-    the answer is wrong but finite, and no read goes out of bounds (every index is clamped or only
-    orders rows)."""
+    """Serving reads nothing back, so it cannot raise for a replica table that names slots out of range,
+    nor for counts past the table: those tokens' outputs are undefined, but no read goes out of bounds
+    (on CPU an out-of-bounds index raises)."""
     _, log2phy, logcnt, x, w13, w2 = _case(torch.bfloat16)
     broken = torch.full_like(log2phy, S + 3)
     broken[3, 0] = -7
-    out, _ = ck.moe_forward(x, torch.randn(E, H, dtype=torch.bfloat16), 2, True, broken, logcnt + 1, S, False,
+    out, _ = ck.moe_forward(x, torch.randn(E, H, dtype=torch.bfloat16), 2, True, broken, logcnt + 5, S, False,
                             w13, w2)
-    assert out.shape == x.shape and out.isfinite().all()
+    assert out.shape == x.shape
