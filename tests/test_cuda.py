@@ -147,6 +147,41 @@ def test_compiled_placement_edits_never_recompile():
     torch._dynamo.reset()
 
 
+def test_compiled_cuda_graphs_follow_placement_edits_without_recompiling_or_recapturing(monkeypatch):
+    """torch.compile(mode="reduce-overhead") records the bf16 serving step into CUDA graphs (cudagraph
+    trees) once; placement edits after that neither recompile nor record again, and the replays' outputs
+    follow them as eager's do."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    recorded = []
+    record = cudagraph_trees.CUDAGraphTreeManager.record_function
+
+    def counting(self, *args, **kwargs):
+        recorded.append(1)
+        return record(self, *args, **kwargs)
+
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", counting)
+    torch._dynamo.reset()
+    counters.clear()
+    _, layer = _layers(torch.bfloat16)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(24, H, dtype=torch.bfloat16, device="cuda")
+    edits = [lambda: layer.add_replica(3, 10), lambda: layer.move_expert(4, 11), lambda: layer.placement.clear(8),
+             lambda: layer.placement.clear(2, allow_uncovered=True)]
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            compiled(x)
+        assert len(recorded) == 1 and counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for edit in edits:
+                edit()
+                got = compiled(x).clone()  # the next replay overwrites the graph's output
+                torch.testing.assert_close(got, layer(x), rtol=1.6e-2, atol=1e-3)
+    assert len(recorded) == 1 and counters["inductor"]["cudagraph_skips"] == 0
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the references; the grouped GEMMs
 def test_opcheck_on_cuda(dtype):
     _, layer = _layers(dtype)
