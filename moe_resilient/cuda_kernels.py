@@ -51,13 +51,12 @@ def _trusted(bad: torch.Tensor) -> bool:
     return not bool(bad)
 
 
-def choose_slots(topk_ids, log2phy, logcnt, num_slots: int, check: bool = False,
-                 strict: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """route_to_slots' replica choice: topk_ids [T, K] -> (slot_ids [T, K], -1: no live replica; with
-    ``check``, the flag of any value route_to_slots_reference rejects, ``strict``'s too, else None).
-    Unchecked, the tables are trusted; the indices read through them are clamped, so none can fault."""
+def choose_slots(topk_ids, log2phy, logcnt, num_slots: int, strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_to_slots' replica choice: topk_ids [T, K] -> (slot_ids [T, K], -1: no live replica; the flag
+    of any value route_to_slots_reference rejects, ``strict``'s too). The indices read through the
+    tables are clamped, so no value can fault before the flag is read."""
     E = num_slots if log2phy is None else log2phy.shape[0]
-    bad = ((topk_ids < 0) | (topk_ids >= E)).any() if check else None
+    bad = ((topk_ids < 0) | (topk_ids >= E)).any()
     if log2phy is None:
         return topk_ids.clone(), bad
     R = log2phy.shape[1]
@@ -65,10 +64,9 @@ def choose_slots(topk_ids, log2phy, logcnt, num_slots: int, check: bool = False,
     cnt = logcnt[ids]
     token = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(1)
     chosen = log2phy[ids, token % cnt.clamp(1, R)]
-    if check:
-        bad = bad | ((cnt < 0) | (cnt > R)).any() | ((cnt > 0) & ((chosen < 0) | (chosen >= num_slots))).any()
-        if strict:
-            bad = bad | (cnt == 0).any()
+    bad = bad | ((cnt < 0) | (cnt > R)).any() | ((cnt > 0) & ((chosen < 0) | (chosen >= num_slots))).any()
+    if strict:
+        bad = bad | (cnt == 0).any()
     return torch.where(cnt > 0, chosen, -1), bad
 
 
@@ -82,7 +80,7 @@ def group_by_slot(slot_ids: torch.Tensor, num_slots: int) -> tuple[torch.Tensor,
 
 def route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict=False, load=None):
     E, _ = ops.route_args(topk_ids, log2phy, logcnt, num_slots, load)
-    slot_ids, bad = choose_slots(topk_ids, log2phy, logcnt, num_slots, check=True, strict=strict)
+    slot_ids, bad = choose_slots(topk_ids, log2phy, logcnt, num_slots, strict)
     if not _trusted(bad):
         return ops.route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict, load)
     if load is not None:  # only once every pair has passed the checks
@@ -162,7 +160,7 @@ def combine_rows(x, order, ends, slot_ids, topk_weights, w13, w2) -> torch.Tenso
     return (y.view(T, K, -1) * weights.unsqueeze(-1)).sum(1).to(y.dtype)
 
 
-def _combine_bad(x, order, offsets) -> torch.Tensor:
+def _combine_bad(order, offsets) -> torch.Tensor:
     """The flag of an order [T*K] that is not a permutation, or of bad offsets."""
     n = order.shape[0]
     seen = torch.zeros(n, dtype=torch.long, device=order.device)
@@ -173,7 +171,7 @@ def _combine_bad(x, order, offsets) -> torch.Tensor:
 def grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2):
     ops.combine_args(x, order, slot_ids, topk_weights)
     ops.expert_args(x, None, w13, w2)
-    if not grouped_mm_fits(x, w13, w2) or not _trusted(_combine_bad(x, order, offsets)):
+    if not grouped_mm_fits(x, w13, w2) or not _trusted(_combine_bad(order, offsets)):
         return ops.grouped_swiglu_combine_reference(x, order, offsets, slot_ids, topk_weights, w13, w2)
     ends = offsets[1:].to(torch.int32)
     ends.select(0, -1).fill_(order.shape[0])

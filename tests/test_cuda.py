@@ -26,6 +26,7 @@ def _exact_fp32():
     yield
     torch.backends.cuda.matmul.allow_tf32 = previous
 
+
 def _ends(offsets, order):
     """combine_rows' slot ends: offsets[1:] as int32, the last at the row count (it takes the unroutable rows)."""
     ends = offsets[1:].to(torch.int32)
@@ -69,7 +70,7 @@ def test_backward_equals_cpu():
 def test_grouped_mm_compositions_equal_references():
     """bf16 on the GPU: the grouped GEMMs (forward, backward with its split-row weight gradients, empty
     slots and unroutable rows included) against the references' per-slot products."""
-    cpu, gpu = _layers(torch.bfloat16)
+    _, gpu = _layers(torch.bfloat16)
     gpu.placement.clear(1, allow_uncovered=True)  # expert 1: no live replica, its pairs unroutable
     p, w13, w2 = gpu.placement, gpu.experts.w13.detach(), gpu.experts.w2.detach()
     ids = torch.randint(0, E, (37, 2), device="cuda")
