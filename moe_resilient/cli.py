@@ -20,22 +20,30 @@ def main():
 @click.option("--top-k", default=2, show_default=True)
 @click.option("--tokens", default=64, show_default=True)
 @click.option("--world-size", default=4, show_default=True, help="simulated ranks that own slots")
-def demo(hidden, intermediate, experts, top_k, tokens, world_size):
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--mode", type=click.Choice(["default", "reduce-overhead"]), default="default", show_default=True,
+              help="torch.compile mode; reduce-overhead records CUDA graphs on a GPU")
+def demo(hidden, intermediate, experts, top_k, tokens, world_size, device, dtype, mode):
     """Compile a ResilientMoE once, then edit its placement (replicas, moves, a dead rank) and show
     that outputs stay equal and nothing recompiles."""
     import torch._dynamo
 
     from moe_resilient import MoEConfig, ResilientMoE
 
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device here", param_hint="--device")
     torch.manual_seed(0)
     spare = world_size  # one spare slot per rank
     layer = ResilientMoE(
-        MoEConfig(hidden, intermediate, experts, top_k, num_slots=experts + spare, world_size=world_size)
+        MoEConfig(hidden, intermediate, experts, top_k, num_slots=experts + spare, world_size=world_size),
+        dtype=getattr(torch, dtype), device=device,
     )
-    x = torch.randn(tokens, hidden)
+    x = torch.randn(tokens, hidden, dtype=getattr(torch, dtype), device=device)
     with torch.no_grad():
         eager = layer(x)
-        compiled = torch.compile(layer, fullgraph=True)
+        compiled = torch.compile(layer, fullgraph=True, mode=None if mode == "default" else mode)
         t0 = time.perf_counter()
         compiled(x)
         click.echo(f"compiled once in {time.perf_counter() - t0:.1f} s")
@@ -51,7 +59,7 @@ def demo(hidden, intermediate, experts, top_k, tokens, world_size):
                 edit()
                 edit_ms = (time.perf_counter() - t0) * 1e3
                 out = compiled(x)
-                err = (out - eager).abs().max().item()
+                err = (out - eager).abs().max().item()  # read before the next call: a CUDA graph reuses out
                 click.echo(f"{what:<38} edit {edit_ms:6.2f} ms  max|diff| vs healthy {err:.1e}")
         click.echo(f"recompiles: 0 (error_on_recompile=True)  phy2log {p.phy2log.tolist()}  dead ranks {p.dead_ranks()}")
 

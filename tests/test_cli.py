@@ -1,9 +1,12 @@
-"""The CLI end to end: launch (a dying rank does not take the others down) and a short drill."""
+"""The CLI end to end: launch (a dying rank does not take the others down), a short drill, the demo."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 SCRIPT = """
 import os, signal, sys, time
@@ -62,3 +65,27 @@ def test_launcher_environment(monkeypatch):
     finally:
         launcher.close()
     assert not os.path.exists(launcher.board.path)
+
+
+def _demo(*args):
+    from click.testing import CliRunner
+
+    from moe_resilient.cli import main
+
+    return CliRunner().invoke(main, ["demo", "--hidden", "32", "--intermediate", "48", "--tokens", "8", *args])
+
+
+def test_demo_edits_a_compiled_layer_without_recompiling():
+    """The README's demo: replicas into spare slots, then a rank dies; outputs stay the healthy ones."""
+    result = _demo()
+    assert result.exit_code == 0, result.output
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in result.output.splitlines() if "vs healthy" in line]
+    assert len(diffs) >= 2 and max(diffs) < 1e-5, result.output
+    assert "rank 0 dies" in result.output and "recompiles: 0" in result.output
+
+
+def test_demo_names_a_missing_device():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    result = _demo("--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA device here" in result.output

@@ -220,3 +220,17 @@ def test_swapped_hf_model_on_cuda():
         swapped = swap_moe_blocks(model, num_slots=10)
         assert swapped and all(model.get_submodule(n).experts.w13.is_cuda for n in swapped)
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_demo_on_cuda_with_cuda_graphs():
+    from click.testing import CliRunner
+
+    from moe_resilient.cli import main
+
+    torch._dynamo.reset()
+    result = CliRunner().invoke(main, ["demo", "--hidden", "64", "--intermediate", "96", "--tokens", "16", "--device",
+                                       "cuda", "--dtype", "bfloat16", "--mode", "reduce-overhead"])
+    torch._dynamo.reset()
+    assert result.exit_code == 0, result.output
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in result.output.splitlines() if "vs healthy" in line]
+    assert len(diffs) >= 2 and max(diffs) < 3e-2 and "recompiles: 0" in result.output, result.output
