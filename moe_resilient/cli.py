@@ -31,16 +31,16 @@ def demo(hidden, intermediate, experts, top_k, tokens, world_size, device, dtype
 
     from moe_resilient import MoEConfig, ResilientMoE
 
-    device = torch.device(device)
+    device, dtype = torch.device(device), getattr(torch, dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("no CUDA device here", param_hint="--device")
     torch.manual_seed(0)
     spare = world_size  # one spare slot per rank
     layer = ResilientMoE(
         MoEConfig(hidden, intermediate, experts, top_k, num_slots=experts + spare, world_size=world_size),
-        dtype=getattr(torch, dtype), device=device,
+        dtype=dtype, device=device,
     )
-    x = torch.randn(tokens, hidden, dtype=getattr(torch, dtype), device=device)
+    x = torch.randn(tokens, hidden, dtype=dtype, device=device)
     with torch.no_grad():
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True, mode=None if mode == "default" else mode)

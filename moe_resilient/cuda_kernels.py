@@ -51,6 +51,14 @@ def _trusted(bad: torch.Tensor) -> bool:
     return not bool(bad)
 
 
+def _replica_choice(ids, log2phy, logcnt) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, K] in range -> (cnt [T, K], chosen [T, K]): each pair's live replica count, and the slot
+    in column t % cnt of its row of log2phy for token t (the column clamped into the table)."""
+    cnt = logcnt[ids]
+    token = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
+    return cnt, log2phy[ids, token % cnt.clamp(1, log2phy.shape[1])]
+
+
 def choose_slots(topk_ids, log2phy, logcnt, num_slots: int, strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """route_to_slots' replica choice: topk_ids [T, K] -> (slot_ids [T, K], -1: no live replica; the flag
     of any value route_to_slots_reference rejects, ``strict``'s too). The indices read through the
@@ -60,10 +68,7 @@ def choose_slots(topk_ids, log2phy, logcnt, num_slots: int, strict: bool) -> tup
     if log2phy is None:
         return topk_ids.clone(), bad
     R = log2phy.shape[1]
-    ids = topk_ids.clamp(0, E - 1)
-    cnt = logcnt[ids]
-    token = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(1)
-    chosen = log2phy[ids, token % cnt.clamp(1, R)]
+    cnt, chosen = _replica_choice(topk_ids.clamp(0, E - 1), log2phy, logcnt)
     bad = bad | ((cnt < 0) | (cnt > R)).any() | ((cnt > 0) & ((chosen < 0) | (chosen >= num_slots))).any()
     if strict:
         bad = bad | (cnt == 0).any()
@@ -102,11 +107,15 @@ def _swiglu(x: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Te
     return torch._grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], w2.transpose(1, 2), offs=ends)
 
 
+def _past(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, 1] bool: the rows past offsets[-1], which a grouped GEMM leaves unwritten."""
+    return torch.arange(rows, device=offsets.device).unsqueeze(1) >= offsets[-1]
+
+
 def swiglu_rows(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """grouped_swiglu as two grouped GEMMs: x [N, H] grouped by slot, offsets [S+1] -> [N, H]; rows past
     offsets[-1] come out 0."""
-    y = _swiglu(x, offsets[1:].to(torch.int32), w13, w2)
-    return y.masked_fill_(torch.arange(x.shape[0], device=x.device).unsqueeze(1) >= offsets[-1], 0)
+    return _swiglu(x, offsets[1:].to(torch.int32), w13, w2).masked_fill_(_past(offsets, x.shape[0]), 0)
 
 
 def grouped_swiglu(x, offsets, w13, w2):
@@ -132,8 +141,8 @@ def swiglu_rows_backward(grad_out, x, offsets, w13, w2):
     grad_w2 = torch._grouped_mm(grad_out.t(), silu * u, offs=ends)
     grad_w13 = torch._grouped_mm(grad_h.t(), x, offs=ends)
     empty = (offsets[1:] == offsets[:-1]).view(-1, 1, 1)
-    past = torch.arange(x.shape[0], device=x.device).unsqueeze(1) >= offsets[-1]
-    return grad_x.masked_fill_(past, 0), grad_w13.masked_fill_(empty, 0), grad_w2.masked_fill_(empty, 0)
+    grad_x = grad_x.masked_fill_(_past(offsets, x.shape[0]), 0)
+    return grad_x, grad_w13.masked_fill_(empty, 0), grad_w2.masked_fill_(empty, 0)
 
 
 def grouped_swiglu_backward(grad_out, x, offsets, w13, w2):
@@ -146,6 +155,14 @@ def grouped_swiglu_backward(grad_out, x, offsets, w13, w2):
     return swiglu_rows_backward(grad_out.contiguous(), x, offsets, w13, w2)
 
 
+def slot_ends(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """combine_rows' ends from route_to_slots' offsets [S+1]: offsets[1:] as int32, the last at `rows`,
+    so the last slot's GEMMs take the unroutable rows (sorted last)."""
+    ends = offsets[1:].to(torch.int32)
+    ends.select(0, -1).fill_(rows)
+    return ends
+
+
 def combine_rows(x, order, ends, slot_ids, topk_weights, w13, w2) -> torch.Tensor:
     """grouped_swiglu_combine with every value already trusted, x [T, H] -> [T, H]. ends [S] int32: where
     each slot's rows end in ``order``; they cover every row, the unroutable ones riding with some slot,
@@ -154,9 +171,8 @@ def combine_rows(x, order, ends, slot_ids, topk_weights, w13, w2) -> torch.Tenso
     T, K = slot_ids.shape
     y = _swiglu(x[order // K], ends, w13, w2)
     y = torch.empty_like(y).index_copy_(0, order, y)
-    # ops.combine in fewer launches: the degraded step's rescaling, then the k-sum in fp32.
-    live = topk_weights.masked_fill(slot_ids < 0, 0.0)
-    weights = live * (topk_weights.sum(-1, keepdim=True) / live.sum(-1, keepdim=True).clamp_min(1e-20))
+    # ops.combine with the k-sum as one fp32 multiply-sum (bf16 rows times fp32 weights), not cast + bmm
+    weights = ops.live_weights(topk_weights, slot_ids)
     return (y.view(T, K, -1) * weights.unsqueeze(-1)).sum(1).to(y.dtype)
 
 
@@ -173,9 +189,7 @@ def grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2):
     ops.expert_args(x, None, w13, w2)
     if not grouped_mm_fits(x, w13, w2) or not _trusted(_combine_bad(order, offsets)):
         return ops.grouped_swiglu_combine_reference(x, order, offsets, slot_ids, topk_weights, w13, w2)
-    ends = offsets[1:].to(torch.int32)
-    ends.select(0, -1).fill_(order.shape[0])
-    return combine_rows(x, order, ends, slot_ids, topk_weights, w13, w2)
+    return combine_rows(x, order, slot_ends(offsets, order.shape[0]), slot_ids, topk_weights, w13, w2)
 
 
 def route_tokens(x, weight, k, normalize, log2phy, logcnt, num_slots, strict=False, load=None):
@@ -189,20 +203,16 @@ def moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict
     args = (x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2, scaling, load)
     if not grouped_mm_fits(tokens, w13, w2):
         return ops.moe_forward_reference(*args)
-    ops.expert_args(tokens, None, w13, w2)
-    if w13.shape[0] != num_slots:
-        raise RuntimeError(f"moe_forward: w13 holds {w13.shape[0]} slots, num_slots is {num_slots}")
+    ops.moe_args(tokens, w13, w2, num_slots)
     ops.router_args(tokens, gate_weight, k)
     logits, topk_weights, topk_ids = ops.softmax_router(tokens, gate_weight, k, normalize)
     ops.route_args(topk_ids, log2phy, logcnt, num_slots, load)
     if log2phy is None:
         slot_ids = topk_ids
     else:  # route_to_slots' choice, trusting ExpertPlacement's invariant: log2phy is -1 past each count
-        cnt = logcnt[topk_ids]
+        cnt, slot_ids = _replica_choice(topk_ids, log2phy, logcnt)
         if strict and not _trusted((cnt == 0).any()):  # the reference raises, before `load` changes
             return ops.moe_forward_reference(*args)
-        token = torch.arange(topk_ids.shape[0], device=x.device).unsqueeze(1)
-        slot_ids = log2phy[topk_ids, token % cnt.clamp(1, log2phy.shape[1])]
     if load is not None:  # topk's ids are in range
         flat = topk_ids.view(-1)
         load.index_add_(0, flat, torch.ones_like(flat))

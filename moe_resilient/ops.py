@@ -145,9 +145,15 @@ def combine(topk_weights: torch.Tensor, slot_ids: torch.Tensor, y: torch.Tensor)
     (token, k) order -> [T, H]. A degraded step (slot -1: no live replica) rescales the surviving
     entries to the full top-k mass (exactly 1 when all are live)."""
     T, K = slot_ids.shape
-    weights = torch.where(slot_ids >= 0, topk_weights, 0.0)
-    weights = weights * (topk_weights.sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1e-20))
+    weights = live_weights(topk_weights, slot_ids)
     return torch.bmm(weights.unsqueeze(1), y.view(T, K, y.shape[-1]).float()).squeeze(1).to(y.dtype)
+
+
+def live_weights(topk_weights: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    """combine's weights [T, K]: 0 for an unroutable pair (slot -1), the others rescaled to the full
+    top-k mass (unchanged when all are live)."""
+    live = torch.where(slot_ids >= 0, topk_weights, 0.0)
+    return live * (topk_weights.sum(-1, keepdim=True) / live.sum(-1, keepdim=True).clamp_min(1e-20))
 
 
 def gather_experts_combine(x, order, offsets, slot_ids, topk_weights, experts) -> torch.Tensor:
@@ -330,12 +336,17 @@ def route_tokens_reference(x, weight, k, normalize, log2phy, logcnt, num_slots, 
     return (logits, topk_weights, topk_ids, *routed)
 
 
+def moe_args(tokens, w13, w2, num_slots) -> None:
+    """moe_forward's checks of the experts' shapes and dtypes against tokens [T, H] and num_slots."""
+    expert_args(tokens, None, w13, w2)
+    if w13.shape[0] != num_slots:
+        raise RuntimeError(f"moe_forward: w13 holds {w13.shape[0]} slots, num_slots is {num_slots}")
+
+
 def moe_forward_reference(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2, scaling=1.0,
                           load=None):
     tokens = x.reshape(-1, x.shape[-1])
-    expert_args(tokens, None, w13, w2)  # before `load` changes
-    if w13.shape[0] != num_slots:
-        raise RuntimeError(f"moe_forward: w13 holds {w13.shape[0]} slots, num_slots is {num_slots}")
+    moe_args(tokens, w13, w2, num_slots)  # before `load` changes
     logits, topk_weights, _, slot_ids, order, offsets = route_tokens_reference(
         tokens, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, load)
     out = grouped_swiglu_combine_reference(tokens, order, offsets, slot_ids, topk_weights * scaling, w13, w2)

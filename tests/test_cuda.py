@@ -27,13 +27,6 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def _ends(offsets, order):
-    """combine_rows' slot ends: offsets[1:] as int32, the last at the row count (it takes the unroutable rows)."""
-    ends = offsets[1:].to(torch.int32)
-    ends[-1] = order.shape[0]
-    return ends
-
-
 def _layers(dtype=torch.float32):
     torch.manual_seed(0)
     cpu = ResilientMoE(MoEConfig(H, I, E, 2, num_slots=E + 4, world_size=3, shared_intermediate_size=16,
@@ -89,7 +82,8 @@ def test_grouped_mm_compositions_equal_references():
                          ops.grouped_swiglu_backward_reference(grad, rows, offsets, w13, w2)):
         torch.testing.assert_close(got, want, **tol)
     weights = torch.rand(37, 2, device="cuda")
-    torch.testing.assert_close(cuda_kernels.combine_rows(x, order, _ends(offsets, order), slot_ids, weights, w13, w2),
+    ends = cuda_kernels.slot_ends(offsets, order.shape[0])
+    torch.testing.assert_close(cuda_kernels.combine_rows(x, order, ends, slot_ids, weights, w13, w2),
                                ops.grouped_swiglu_combine_reference(x, order, offsets, slot_ids, weights, w13, w2),
                                **tol)
 

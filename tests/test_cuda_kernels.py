@@ -16,12 +16,6 @@ try:
 except (AttributeError, RuntimeError, NotImplementedError):
     pytest.skip("this torch has no CPU torch._grouped_mm", allow_module_level=True)
 
-def _ends(offsets, order):
-    """combine_rows' slot ends: offsets[1:] as int32, the last at the row count (it takes the unroutable rows)."""
-    ends = offsets[1:].to(torch.int32)
-    ends[-1] = order.shape[0]
-    return ends
-
 
 def _placement():
     # expert e in slot e, expert 1 also in slot 4, expert 3 has no live replica, slot 5 spare
@@ -57,7 +51,8 @@ def test_compositions_equal_references(dtype):
     for g, w in zip(ck.swiglu_rows_backward(grad, rows, offsets, w13, w2),
                     ops.grouped_swiglu_backward_reference(grad, rows, offsets, w13, w2)):
         torch.testing.assert_close(g, w)
-    torch.testing.assert_close(ck.combine_rows(x, order, _ends(offsets, order), slot_ids, weights, w13, w2),
+    ends = ck.slot_ends(offsets, order.shape[0])
+    torch.testing.assert_close(ck.combine_rows(x, order, ends, slot_ids, weights, w13, w2),
                                ops.grouped_swiglu_combine_reference(x, order, offsets, slot_ids, weights, w13, w2))
     gate = torch.randn(E, H, dtype=dtype)
     for normalize in (True, False):
