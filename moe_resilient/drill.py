@@ -125,6 +125,7 @@ def worker(args) -> int:
                 if args.die_during_recovery == rank:  # test: a second rank lost while the first is repaired
                     os.kill(os.getpid(), signal.SIGKILL)
                 lost, report = recover_across_ranks(model, failure.lost_ranks, group, step=step, shadow=shadow,
+                                                     shadow_current=True,  # serving: weights never change
                                                      topology=planner.Topology(group.world_size, group.world_size))
                 emit(event="failure", step=step, lost=lost, t_detect=t_detect, t_agreed=t_agreed,
                      t_recovered=time.time(), graphs=graphs, gen=group.generation,

@@ -323,6 +323,11 @@ class ResilientMoE(nn.Module):
             )
         self._edit(slot, expert, lambda: self.experts.write_slot(slot, w13, w2))
 
+    def write_expert(self, expert: int, slot: int, writer) -> None:
+        """Let ``writer(w13 [2I, H], w2 [H, I])`` write ``expert``'s weights into ``slot``'s views in
+        place, then route to it. If ``writer`` raises, ``slot`` stays out of routing."""
+        self._edit(slot, expert, lambda: writer(self.experts.w13.detach()[slot], self.experts.w2.detach()[slot]))
+
     def _edit(self, slot: int, expert: int, write, vacate: int | None = None) -> None:
         """Validate the final placement, take ``slot`` out of routing, write its weights, then flip
         the placement (``slot`` -> ``expert``, ``vacate`` -> empty) in one commit."""

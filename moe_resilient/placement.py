@@ -141,14 +141,13 @@ class ExpertPlacement(nn.Module):
     def set_state(self, phy2log, active, *, allow_uncovered: AllowUncovered = False) -> None:
         """Replace the slot -> expert map and the alive ranks together (a restored checkpoint, or a
         placement received from a peer)."""
-        active = torch.as_tensor(active, dtype=torch.bool).clone().cpu()
-        if active.shape != (self.world_size,):
-            raise PlacementError(f"active must have shape [{self.world_size}], got {list(active.shape)}")
-        self._commit(self._as_phy2log(phy2log), active, allow_uncovered)
+        self._commit(self._as_phy2log(phy2log), self._as_active(active), allow_uncovered)
 
-    def check(self, phy2log, *, allow_uncovered: AllowUncovered = False) -> None:
-        """Raise PlacementError if ``phy2log`` would be rejected; changes nothing."""
-        self._derive(self._as_phy2log(phy2log), self.active.cpu(), allow_uncovered)
+    def check(self, phy2log, active=None, *, allow_uncovered: AllowUncovered = False) -> None:
+        """Raise PlacementError if ``phy2log`` (with ``active``, default the current one) would be
+        rejected; changes nothing."""
+        active = self.active.cpu() if active is None else self._as_active(active)
+        self._derive(self._as_phy2log(phy2log), active, allow_uncovered)
 
     def mark_alive(self, rank: int) -> None:
         """Return a repaired rank's slots to routing (its slots keep whatever ``phy2log`` says)."""
@@ -178,6 +177,12 @@ class ExpertPlacement(nn.Module):
         if bad.any():
             s = int(torch.nonzero(bad)[0])
             raise PlacementError(f"unknown expert {int(t[s])} in slot {s}: experts are [0, {self.num_experts})")
+        return t
+
+    def _as_active(self, active) -> torch.Tensor:
+        t = torch.as_tensor(active, dtype=torch.bool).clone().cpu()
+        if t.shape != (self.world_size,):
+            raise PlacementError(f"active must have shape [{self.world_size}], got {list(t.shape)}")
         return t
 
     def _derive(self, phy2log: torch.Tensor, active: torch.Tensor, allow_uncovered: AllowUncovered):

@@ -1,13 +1,18 @@
 """recover(): after losing ranks, restore full expert coverage in place and keep serving.
 
-Per ResilientMoE layer: plan (numba, deterministic) -> route away from the dead ranks at once (experts
-with a surviving replica are served again by a pure remap, zero bytes moved) -> copy weights into
-target slots, each from its cheapest source (a live replica, or the shadow store), then flip the
-placement. Nothing recompiles: every update is an in-place copy.
+Per ResilientMoE layer, in three phases: ``plan_repair`` (numba, deterministic) -> ``remap`` (route
+away from the dead ranks at once: experts with a surviving replica are served again, zero bytes moved)
+-> ``restore`` (copy weights into target slots, each from its cheapest source, then flip the
+placement). Nothing recompiles: every update is an in-place copy.
+
+Replicas never disagree: a copy that only restores redundancy comes from a live replica, or from the
+shadow store only when the shadow is current; an expert with no live copy left is restored from the
+shadow whatever its age, and the report says how old it was.
 """
 
 from __future__ import annotations
 
+import operator
 import sys
 import time
 from collections import defaultdict
@@ -18,8 +23,11 @@ import torch
 from torch import nn
 
 from moe_resilient import planner
+from moe_resilient.layer import ResilientMoE
 from moe_resilient.placement import PlacementError
 from moe_resilient.shadow import ShadowStore, resilient_layers
+
+_SHADOW_KINDS = (planner.SOURCE_SHADOW_MEMORY, planner.SOURCE_SHADOW_DISK)
 
 
 @dataclass
@@ -29,10 +37,14 @@ class RecoveryReport:
     lost_ranks: list[int]
     phase_seconds: dict[str, float] = field(default_factory=dict)
     bytes_by_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    experts_remapped: int = 0  # served again by a surviving replica, no bytes moved
-    experts_restored: int = 0  # had no live replica; weights copied into a slot
-    replicas_added: int = 0  # redundancy lost with the dead ranks, copied back from a live replica
-    shadow_age_steps: dict[tuple[str, int], int] = field(default_factory=dict)
+    experts_remapped: int = 0  # held on a lost rank, still served by a surviving replica: no bytes moved
+    experts_restored: int = 0  # had no live replica left; weights copied into a slot from the shadow
+    replicas_added: int = 0  # redundancy lost with the dead ranks, copied back from a current source
+    # (layer, expert) -> steps the shadow copy restored was behind ``step`` (None: unknown, no step given)
+    shadow_age_steps: dict[tuple[str, int], int | None] = field(default_factory=dict)
+    # layer -> experts whose lost redundancy was not restored: the only source was a stale (or absent)
+    # shadow, or a replica on another rank under expert parallelism
+    redundancy_skipped: dict[str, list[int]] = field(default_factory=dict)
     uncovered: dict[str, list[int]] = field(default_factory=dict)
     single_homed: dict[str, list[int]] = field(default_factory=dict)
     recompiles: int = 0
@@ -43,13 +55,28 @@ class RecoveryReport:
     def total_seconds(self) -> float:
         return sum(self.phase_seconds.values())
 
+    @property
+    def stale_restores(self) -> dict[tuple[str, int], int]:
+        """(layer, expert) -> age in steps of each expert restored from a shadow older than ``step``."""
+        return {k: v for k, v in self.shadow_age_steps.items() if v is not None and v > 0}
+
     def summary(self) -> str:
         phases = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in self.phase_seconds.items())
         moved = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.bytes_by_source.items() if v) or "no bytes"
         lost = {k: v for k, v in self.uncovered.items() if v}
-        return (f"lost ranks {self.lost_ranks}: {phases}; remapped {self.experts_remapped}, restored "
+        text = (f"lost ranks {self.lost_ranks}: {phases}; remapped {self.experts_remapped}, restored "
                 f"{self.experts_restored}, re-replicated {self.replicas_added}; moved {moved}; "
                 f"uncovered {lost or 'none'}; recompiles {self.recompiles}")
+        if self.stale_restores:
+            text += "; restored from a STALE shadow: " + ", ".join(
+                f"{n}[{e}] {age} steps old" for (n, e), age in sorted(self.stale_restores.items()))
+        unknown = sorted(k for k, v in self.shadow_age_steps.items() if v is None)
+        if unknown:
+            text += f"; shadow age unknown (no step given) for {len(unknown)} restored experts"
+        skipped = {k: v for k, v in self.redundancy_skipped.items() if v}
+        if skipped:
+            text += f"; redundancy not restored (no current source) {skipped}"
+        return text
 
 
 def compiled_graphs() -> int:
@@ -59,49 +86,40 @@ def compiled_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def recover(
-    model: nn.Module,
-    lost_ranks,
-    *,
-    shadow: ShadowStore | None = None,
-    topology: planner.Topology | None = None,
-    step: int | None = None,
-    restore_redundancy: bool = True,
-    probe: torch.Tensor | None = None,
-    local_rank: int | None = None,
-    load: dict[str, torch.Tensor] | None = None,
-) -> RecoveryReport:
-    """Restore coverage of every ResilientMoE layer of ``model`` after losing ``lost_ranks``.
+def as_ranks(lost_ranks) -> list[int]:
+    """Sorted distinct ranks from one integer-like (int, NumPy integer, integer 0-d tensor) or an
+    iterable of them. Booleans, floats and strings are refused with a TypeError naming the value."""
+    def one(r) -> int:
+        bad = isinstance(r, (bool, np.bool_, str, bytes)) or (
+            isinstance(r, torch.Tensor) and (r.numel() != 1 or r.dtype == torch.bool or r.is_floating_point()))
+        if not bad:
+            try:
+                return operator.index(r)
+            except TypeError:
+                pass
+        raise TypeError(f"recover: lost rank {r!r} ({type(r).__name__}) is not an integer")
 
-    ``shadow`` supplies experts that lost every replica; without it they stay uncovered (reported,
-    and served degraded). ``step`` (current optimizer step) dates experts restored from shadow.
-    ``probe``, if given, is run through ``model`` afterwards and any compile it triggers is counted.
+    if isinstance(lost_ranks, (str, bytes)):
+        raise TypeError(f"recover: lost_ranks {lost_ranks!r} is a string, not ranks")
+    if isinstance(lost_ranks, torch.Tensor) and lost_ranks.dim() > 0:
+        lost_ranks = list(lost_ranks.flatten())
+    try:  # a 0-d tensor or array has __iter__ but cannot be iterated
+        items = [lost_ranks] if isinstance(lost_ranks, torch.Tensor) else list(lost_ranks)
+    except TypeError:
+        items = [lost_ranks]
+    return sorted({one(r) for r in items})
 
-    ``load`` ({layer name: [E] tokens per expert}) is what the plan balances; by default each layer's
-    own counters, or uniform load under ``local_rank``.
 
-    Under expert parallelism every rank calls this with the same arguments and its ``local_rank``:
-    the plan is deterministic and uses no rank-local input (each rank counted only its own tokens, so
-    pass ``load`` summed over ranks, as ``dispatch.recover_across_ranks`` does, or the plan assumes
-    uniform load), so all ranks make the same placement edits, and each rank writes
-    weights only into the slots it owns (a source replica on another rank is replaced by the shadow
-    store, which every rank of a host reads from the same page cache).
-    """
-    lost = sorted({int(r) for r in ([lost_ranks] if isinstance(lost_ranks, int) else lost_ranks)})
-    layers = resilient_layers(model)
-    if not layers:
-        raise ValueError("recover: the model has no ResilientMoE layer")
-    report = RecoveryReport(lost)
-    topologies = {n: topology or planner.default_topology(m.placement.world_size) for n, m in layers.items()}
-    compiles_before = compiled_graphs()
+def plan_repair(layers: dict[str, ResilientMoE], lost: list[int], *, topology: planner.Topology | None = None,
+                load: dict[str, torch.Tensor] | None = None, local_rank: int | None = None,
+                restore_redundancy: bool = True) -> dict[str, planner.Plan]:
+    """Check the request against every layer and plan each repair; changes nothing."""
     plans = {}
-    t0 = time.perf_counter()
-    for name, layer in layers.items():  # validate and plan everything before touching anything
+    for name, layer in layers.items():
         p = layer.placement
         bad = [r for r in lost if not 0 <= r < p.world_size]
         if bad:
             raise PlacementError(f"recover: ranks {bad} out of range [0, {p.world_size}) in layer {name!r}")
-        topo = topologies[name]
         alive = p.active.cpu().numpy().copy()
         alive[lost] = False
         if load is not None and name in load:
@@ -115,48 +133,136 @@ def recover(
         else:  # each rank counted only its own tokens: plan on what every rank knows alike
             tokens = np.ones(layer.config.num_experts)
         plans[name] = planner.repair_plan(
-            p.phy2log.cpu().numpy(), p.slot_rank.cpu().numpy(), alive, tokens, topo,
-            restore_redundancy=restore_redundancy,
+            p.phy2log.cpu().numpy(), p.slot_rank.cpu().numpy(), alive, tokens,
+            topology or planner.default_topology(p.world_size), restore_redundancy=restore_redundancy,
         )
-    if shadow is not None:
-        shadow.validate(model)
-    report.phase_seconds["plan"] = time.perf_counter() - t0
+    return plans
 
-    t0 = time.perf_counter()
+
+def remap(layers: dict[str, ResilientMoE], lost: list[int], report: RecoveryReport) -> dict[str, set[int]]:
+    """Take the lost ranks' slots out of routing in every layer. Returns each layer's experts left with
+    no live replica."""
+    uncovered = {}
     for name, layer in layers.items():
         p = layer.placement
         on_lost = set(p.phy2log[torch.isin(p.slot_rank, torch.tensor(lost, device=p.slot_rank.device))].tolist()) - {-1}
-        p.mark_dead(lost, allow_uncovered=True)  # dead slots leave routing now
-        report.experts_remapped += len(on_lost - set(p.uncovered()))
+        p.mark_dead(lost, allow_uncovered=True)
+        uncovered[name] = set(p.uncovered())
+        report.experts_remapped += len(on_lost - uncovered[name])
+    return uncovered
+
+
+def _peer_kind(topology: planner.Topology, src_rank: int, dst_rank: int) -> int:
+    if src_rank == dst_rank:
+        return planner.SOURCE_LOCAL
+    host = topology.rank_host
+    return planner.SOURCE_PEER_HOST if host[src_rank] == host[dst_rank] else planner.SOURCE_PEER_REMOTE
+
+
+def restore(name: str, layer: ResilientMoE, plan: planner.Plan, uncovered: set[int], report: RecoveryReport, *,
+            shadow: ShadowStore | None, shadow_current: bool, step: int | None, local_rank: int | None,
+            topology: planner.Topology) -> None:
+    """Carry out ``plan``'s copies into ``layer``. A copy for an expert in ``uncovered`` (no live
+    replica) comes from the shadow; a redundancy copy from a live replica this process can read, or
+    from the shadow when ``shadow_current``, else it is skipped and reported. Under ``local_rank``
+    every rank evaluates the same conditions, so all make the same placement edits, and each writes
+    only the slots it owns."""
+    p = layer.placement
+    slot_bytes = (layer.experts.w13[0].numel() + layer.experts.w2[0].numel()) * layer.experts.w13.element_size()
+    owner = p.slot_rank.tolist()
+    need = set(uncovered)
+    skipped = []
+    for target, expert, kind, src in plan.copies.tolist():
+        if expert in need:  # coverage: the shadow is the only copy left
+            if shadow is None:
+                continue  # reported as uncovered
+            kind, src = (kind if kind in _SHADOW_KINDS else planner.SOURCE_SHADOW_MEMORY), -1
+        else:  # redundancy: never from a source that may disagree with the live replicas
+            live = [s for s in p.slots_of(expert) if local_rank is None or owner[s] == owner[target]]
+            if kind in _SHADOW_KINDS or src not in live:
+                if shadow is not None and shadow_current:
+                    kind, src = planner.SOURCE_SHADOW_MEMORY if kind not in _SHADOW_KINDS else kind, -1
+                elif live:
+                    src = min(live, key=lambda s: (owner[s] != owner[target], s))
+                    kind = _peer_kind(topology, owner[src], owner[target])
+                else:
+                    skipped.append(expert)
+                    continue
+        if local_rank is not None and owner[target] != local_rank:
+            p.assign(target, expert, allow_uncovered=True)  # its owner writes the weights
+        elif src < 0:
+            report.bytes_by_source[planner.SOURCE_NAMES[kind]] += shadow.restore(layer, name, expert, target)
+        else:
+            layer.add_replica(expert, target, src_slot=src)
+            report.bytes_by_source[planner.SOURCE_NAMES[kind]] += slot_bytes
+        if expert in need:
+            need.discard(expert)
+            report.shadow_age_steps[(name, expert)] = (step - shadow.step(name)) if step is not None else None
+            report.experts_restored += 1
+        else:
+            report.replicas_added += 1
+    report.redundancy_skipped[name] = sorted(set(skipped))
+    report.uncovered[name] = p.uncovered()
+    report.single_homed[name] = plan.single_homed
+
+
+def recover(
+    model: nn.Module,
+    lost_ranks,
+    *,
+    shadow: ShadowStore | None = None,
+    topology: planner.Topology | None = None,
+    step: int | None = None,
+    shadow_current: bool | None = None,
+    restore_redundancy: bool = True,
+    probe: torch.Tensor | None = None,
+    local_rank: int | None = None,
+    load: dict[str, torch.Tensor] | None = None,
+) -> RecoveryReport:
+    """Restore coverage of every ResilientMoE layer of ``model`` (eager or ``torch.compile``d) after
+    losing ``lost_ranks`` (a rank or ranks: ints, NumPy integers or integer tensors).
+
+    ``shadow`` supplies experts that lost every replica; without it they stay uncovered (reported,
+    and served degraded). ``step`` (current optimizer step) dates experts restored from shadow.
+    ``shadow_current``: whether the shadow holds the model's current weights (serving: True); by
+    default only when ``step`` equals every layer's shadow step. Only a current shadow may supply a
+    redundancy copy. ``probe``, if given, is run through ``model`` afterwards and any compile it
+    triggers is counted.
+
+    ``load`` ({layer name: [E] tokens per expert}) is what the plan balances; by default each layer's
+    own counters, or uniform load under ``local_rank``.
+
+    Under expert parallelism every rank calls this with the same arguments and its ``local_rank``:
+    the plan is deterministic and uses no rank-local input (each rank counted only its own tokens, so
+    pass ``load`` summed over ranks, as ``dispatch.recover_across_ranks`` does, or the plan assumes
+    uniform load), so all ranks make the same placement edits, and each rank writes weights only into
+    the slots it owns (a source replica on another rank is replaced by a current shadow, which every
+    rank of a host reads from the same page cache, or the copy is skipped and reported).
+    """
+    lost = as_ranks(lost_ranks)
+    layers = resilient_layers(model)
+    if not layers:
+        raise ValueError("recover: the model has no ResilientMoE layer")
+    report = RecoveryReport(lost)
+    compiles_before = compiled_graphs()
+    t0 = time.perf_counter()
+    plans = plan_repair(layers, lost, topology=topology, load=load, local_rank=local_rank,
+                        restore_redundancy=restore_redundancy)
+    if shadow is not None:
+        shadow.validate(model)
+        if shadow_current is None:
+            shadow_current = step is not None and all(shadow.step(n) == step for n in layers)
+    report.phase_seconds["plan"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    uncovered = remap(layers, lost, report)
     report.phase_seconds["remap"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     for name, layer in layers.items():
-        plan = plans[name]
-        slot_bytes = (layer.experts.w13[0].numel() + layer.experts.w2[0].numel()) * layer.experts.w13.element_size()
-        owner = layer.placement.slot_rank.tolist()
-        for target, expert, kind, src in plan.copies.tolist():
-            from_shadow = kind in (planner.SOURCE_SHADOW_MEMORY, planner.SOURCE_SHADOW_DISK)
-            # a replica on another rank than the target's owner comes from the shadow instead;
-            # every rank evaluates the same conditions, so all make the same placement edits
-            remote = not from_shadow and local_rank is not None and owner[src] != owner[target]
-            if (from_shadow or remote) and shadow is None:
-                continue  # reported as uncovered (or less redundant)
-            if local_rank is not None and owner[target] != local_rank:
-                layer.placement.assign(target, expert, allow_uncovered=True)  # its owner writes the weights
-            elif from_shadow or remote:
-                kind = kind if from_shadow else planner.SOURCE_SHADOW_MEMORY
-                report.bytes_by_source[planner.SOURCE_NAMES[kind]] += shadow.restore(layer, name, expert, target)
-            else:
-                layer.add_replica(expert, target, src_slot=src)
-                report.bytes_by_source[planner.SOURCE_NAMES[kind]] += slot_bytes
-            if from_shadow:
-                report.shadow_age_steps[(name, expert)] = (step - shadow.step(name)) if step is not None else 0
-                report.experts_restored += 1
-            else:
-                report.replicas_added += 1
-        report.uncovered[name] = layer.placement.uncovered()
-        report.single_homed[name] = plan.single_homed
+        restore(name, layer, plans[name], uncovered[name], report, shadow=shadow, shadow_current=bool(shadow_current),
+                step=step, local_rank=local_rank,
+                topology=topology or planner.default_topology(layer.placement.world_size))
     report.phase_seconds["restore"] = time.perf_counter() - t0
 
     if probe is not None:

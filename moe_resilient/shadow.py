@@ -8,27 +8,35 @@ Layout of a store directory (``ShadowStore.export``)::
                                "layers": {name: {"file", "fingerprint", "num_experts",
                                                  "w13_shape", "w2_shape", "dtype", "step"}}}
     layer_000.safetensors     w13 [E, 2I, H], w2 [E, H, I]: logical expert e is row e
-                              metadata: layer, fingerprint, step
+                              metadata: layer, fingerprint, step, checksums
+                              ({"w13": [E hex], "w2": [E hex]}: one per expert row, see below)
 
 A layer's fingerprint hashes its name, expert count, shapes and dtype: a store made for another
 model fails ``validate``. ``from_hf_checkpoint`` indexes an existing Hugging Face checkpoint in place
 (fused v5 ``experts.gate_up_proj`` / ``down_proj`` or v4 per-expert keys) instead of copying it.
 Files are replaced atomically (write a temp file, fsync, rename), so a reader never sees a torn file:
-an open memory map keeps the old inode.
+an open memory map keeps the old inode. Checksums live in the file they describe, so data and checksums
+are replaced together.
+
+Every file is memory-mapped once (copy-on-write, never written) and its header parsed here, so a
+restore copies an expert straight from the page cache into its slot, computing the row's checksum in
+the same pass (``copy_checksum`` in csrc/cpu/checksum.cpp). A row whose checksum differs raises
+``ShadowStoreError`` naming file, tensor and expert, and the slot stays out of routing. Stores indexed
+from HF checkpoints carry no checksums and are not verified.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -36,6 +44,8 @@ from moe_resilient.layer import ResilientMoE
 
 FORMAT = "moe_resilient.shadow/1"
 MANIFEST = "manifest.json"
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}
 
 
 class ShadowStoreError(RuntimeError):
@@ -43,10 +53,12 @@ class ShadowStoreError(RuntimeError):
 
 
 def resilient_layers(model: nn.Module) -> dict[str, ResilientMoE]:
-    """Qualified name -> ResilientMoE for every such layer in ``model`` ("layer" for a bare layer)."""
+    """Qualified name -> ResilientMoE for every such layer in ``model`` ("layer" for a bare layer).
+    Names are those of the eager modules: torch.compile's ``_orig_mod`` wrappers are looked through."""
+    model = getattr(model, "_orig_mod", model)
     if isinstance(model, ResilientMoE):
         return {"layer": model}
-    return {name: m for name, m in model.named_modules() if isinstance(m, ResilientMoE)}
+    return {name.replace("_orig_mod.", ""): m for name, m in model.named_modules() if isinstance(m, ResilientMoE)}
 
 
 def fingerprint(name: str, num_experts: int, w13_shape, w2_shape, dtype: torch.dtype | str) -> str:
@@ -57,6 +69,23 @@ def fingerprint(name: str, num_experts: int, w13_shape, w2_shape, dtype: torch.d
 def layer_fingerprint(name: str, layer: ResilientMoE) -> str:
     return fingerprint(name, layer.config.num_experts, layer.experts.w13.shape[1:], layer.experts.w2.shape[1:],
                        layer.experts.w13.dtype)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def checksum(t: torch.Tensor) -> str:
+    """The shadow store's checksum of a contiguous CPU tensor's bytes (csrc/cpu/checksum.cpp), as hex."""
+    from moe_resilient import ops  # noqa: F401  (registers torch.ops.moe_resilient)
+
+    return f"{torch.ops.moe_resilient.checksum(_bytes(t.contiguous())) & (2**64 - 1):016x}"
+
+
+def _copy_checksum(src: torch.Tensor, dst: torch.Tensor) -> str:
+    """Copy ``src``'s bytes into contiguous ``dst`` and return their checksum, in one pass."""
+    return f"{torch.ops.moe_resilient.copy_checksum(_bytes(src), _bytes(dst)) & (2**64 - 1):016x}"
 
 
 def logical_expert_weights(layer: ResilientMoE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +119,72 @@ def _atomic_write_json(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _save_experts(path: str, name: str, fp: str, step: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """One layer's logical experts with a checksum per expert row of each tensor."""
+    sums = {role: [checksum(t[e]) for e in range(t.shape[0])] for role, t in (("w13", w13), ("w2", w2))}
+    _atomic_save({"w13": w13, "w2": w2}, path,
+                 {"layer": name, "fingerprint": fp, "step": str(step), "checksums": json.dumps(sums)})
+
+
+class MappedSafetensors:
+    """One safetensors file, memory-mapped copy-on-write (never written): its header parsed here, its
+    tensors served as zero-copy views of the page cache. The map lives as long as this object, so a
+    file replaced or removed on disk keeps serving the version that was opened."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 8:
+                    raise ValueError(f"{size} bytes")
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            n = int.from_bytes(self._map[:8], "little")
+            if 8 + n > size:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(bytes(self._map[8:8 + n]))
+            self.metadata = header.pop("__metadata__", None) or {}
+            self._file = torch.frombuffer(self._map, dtype=torch.uint8)
+            self._data = 8 + n
+            for key, info in header.items():
+                begin, end = info["data_offsets"]
+                if info["dtype"] not in _DTYPES or not 0 <= begin <= end <= size - self._data:
+                    raise ValueError(f"tensor {key!r} lies outside the file or has an unknown dtype")
+                count = 1
+                for d in info["shape"]:
+                    count *= d
+                if (end - begin) != count * _DTYPES[info["dtype"]].itemsize:
+                    raise ValueError(f"tensor {key!r} has {end - begin} bytes for shape {info['shape']}")
+        except FileNotFoundError:
+            raise ShadowStoreError(f"{path}: missing") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise ShadowStoreError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
+        self._tensors = header
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._tensors[key]["shape"])
+
+    def dtype_name(self, key: str) -> str:
+        return self._tensors[key]["dtype"]
+
+    def view(self, key: str, index: int | None = None) -> torch.Tensor:
+        """Tensor ``key`` (or its row ``index``) as a zero-copy view of the mapped file."""
+        info = self._tensors[key]
+        begin, end = info["data_offsets"]
+        shape = list(info["shape"])
+        if index is not None:
+            row = (end - begin) // shape[0]
+            begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
+        raw = self._file[self._data + begin:self._data + end]
+        dtype = _DTYPES[info["dtype"]]
+        if (self._data + begin) % dtype.itemsize:  # safetensors aligns its tensors; copy if one is not
+            raw = raw.clone()
+        return raw.view(dtype).reshape(shape)
+
+
 @dataclass
 class _LayerEntry:
     """Where one layer's experts live: (file, key) pairs per weight, fused or per expert."""
@@ -104,6 +199,7 @@ class _LayerEntry:
     files: dict  # role -> file path; roles: "w13"/"w2" (stacked) or per-expert key patterns
     keys: dict  # role -> tensor key (may contain {e})
     layout: str  # "stacked" (ours and HF v5) or "per_expert" (HF v4)
+    checksums: dict = field(default_factory=dict)  # role -> [E] hex, from the file (stores we export)
 
 
 class ShadowStore:
@@ -112,8 +208,8 @@ class ShadowStore:
     def __init__(self, directory: str, entries: dict[str, _LayerEntry]):
         self.directory = directory
         self._entries = entries
-        self._handles: dict[str, object] = {}
-        self._lock = threading.Lock()
+        self._handles: dict[str, MappedSafetensors] = {}
+        self._lock = threading.RLock()  # a handle and its checksums change together
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow-refresh")
 
     # ----------------------------------------------------------------------------------- create / open
@@ -135,8 +231,7 @@ class ShadowStore:
     def _write_layer(directory: str, file: str, name: str, layer: ResilientMoE, step: int) -> dict:
         w13, w2 = logical_expert_weights(layer)
         fp = layer_fingerprint(name, layer)
-        _atomic_save({"w13": w13, "w2": w2}, os.path.join(directory, file),
-                     {"layer": name, "fingerprint": fp, "step": str(step)})
+        _save_experts(os.path.join(directory, file), name, fp, step, w13, w2)
         return {"file": file, "fingerprint": fp, "num_experts": w13.shape[0], "w13_shape": list(w13.shape[1:]),
                 "w2_shape": list(w2.shape[1:]), "dtype": str(w13.dtype).replace("torch.", ""), "step": step}
 
@@ -176,12 +271,9 @@ class ShadowStore:
         where: dict[str, tuple[str, list]] = {}
         for f in files:
             path = os.path.join(checkpoint_dir, f)
-            try:
-                with safe_open(path, framework="pt") as h:
-                    for key in h.keys():
-                        where[key] = (path, h.get_slice(key).get_shape(), h.get_slice(key).get_dtype())
-            except Exception as exc:
-                raise ShadowStoreError(f"{path}: cannot open as safetensors ({exc})") from None
+            h = MappedSafetensors(path)
+            for key in h.keys():
+                where[key] = (path, h.shape(key), h.dtype_name(key))
         entries = {}
         fused = re.compile(r"^(.*)\.experts\.gate_up_proj$")
         per_expert = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|gate_proj)\.weight$")
@@ -217,36 +309,43 @@ class ShadowStore:
         store._check_files()
         return store
 
-    def _handle(self, path: str):
+    def _handle(self, path: str) -> MappedSafetensors:
         with self._lock:
             h = self._handles.get(path)
             if h is None:
-                try:
-                    h = safe_open(path, framework="pt")
-                except FileNotFoundError:
-                    raise ShadowStoreError(f"{path}: missing") from None
-                except Exception as exc:
-                    raise ShadowStoreError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
-                self._handles[path] = h
+                h = self._handles[path] = MappedSafetensors(path)
             return h
 
     def _check_files(self) -> None:
-        """Open every file and check each tensor's presence, shape and dtype against the manifest."""
+        """Open every file and check each tensor's presence, shape and dtype against the manifest, and
+        read the checksums stored beside the data."""
         for entry in self._entries.values():
             for role, path in entry.files.items():
                 h = self._handle(path)
                 key = entry.keys[role].format(e=0)
                 if key not in h.keys():
                     raise ShadowStoreError(f"{path}: tensor {key!r} missing (layer {entry.name})")
-                shape = h.get_slice(key).get_shape()
+                shape = h.shape(key)
                 if entry.layout == "stacked":
                     want = [entry.num_experts, *(entry.w13_shape if role == "w13" else entry.w2_shape)]
                     if list(shape) != want:
                         raise ShadowStoreError(f"{path}: tensor {key!r} has shape {list(shape)}, expected {want}")
-                dtype = h.get_slice(key).get_dtype()
+                dtype = h.dtype_name(key)
                 want_dt = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(entry.dtype, entry.dtype)
                 if dtype != want_dt:
                     raise ShadowStoreError(f"{path}: tensor {key!r} has dtype {dtype}, expected {entry.dtype}")
+                if "checksums" in h.metadata:
+                    entry.checksums[role] = self._read_checksums(h, role, entry.num_experts)
+
+    @staticmethod
+    def _read_checksums(h: MappedSafetensors, role: str, num_experts: int) -> list[str]:
+        try:
+            sums = json.loads(h.metadata["checksums"])[role]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ShadowStoreError(f"{h.path}: corrupt checksums for tensor {role!r}") from None
+        if not isinstance(sums, list) or len(sums) != num_experts:
+            raise ShadowStoreError(f"{h.path}: tensor {role!r} has checksums for {len(sums)} experts, not {num_experts}")
+        return sums
 
     # ----------------------------------------------------------------------------------- use
     @property
@@ -275,36 +374,68 @@ class ShadowStore:
                     f"dtype {entry.dtype} vs {layer.experts.w13.dtype})"
                 )
 
-    def read_expert(self, layer_name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [2I, H], w2 [H, I]) of one logical expert, read from the memory map."""
+    def _sources(self, layer_name: str, expert: int) -> list[tuple[str, torch.Tensor, str | None, str]]:
+        """One expert's bytes in the map: (role, view, stored checksum or None, file) for w13's rows (gate
+        then up, or the fused row) and w2."""
         entry = self._entry(layer_name)
         if not 0 <= expert < entry.num_experts:
             raise ShadowStoreError(f"layer {layer_name!r} has experts [0, {entry.num_experts}), not {expert}")
         try:
             if entry.layout == "stacked":
-                w13 = self._handle(entry.files["w13"]).get_slice(entry.keys["w13"])[expert]
-                w2 = self._handle(entry.files["w2"]).get_slice(entry.keys["w2"])[expert]
-            else:
-                part = {r: self._handle(entry.files[r]).get_tensor(entry.keys[r].format(e=expert))
-                        for r in ("gate", "up", "down")}
-                w13, w2 = torch.cat([part["gate"], part["up"]], 0), part["down"]
+                with self._lock:
+                    return [(r, self._handle(entry.files[r]).view(entry.keys[r], expert),
+                             entry.checksums[r][expert] if r in entry.checksums else None, entry.files[r])
+                            for r in ("w13", "w2")]
+            return [(r, self._handle(entry.files[r]).view(entry.keys[r].format(e=expert)), None, entry.files[r])
+                    for r in ("gate", "up", "down")]
         except ShadowStoreError:
             raise
         except Exception as exc:
             raise ShadowStoreError(f"{entry.files['w13']}: reading expert {expert} of {layer_name!r} failed ({exc})") from None
+
+    @staticmethod
+    def _verify(role: str, file: str, layer_name: str, expert: int, stored: str | None, read: str) -> None:
+        if stored is not None and stored != read:
+            raise ShadowStoreError(f"{file}: tensor {role!r}, expert {expert} of layer {layer_name!r} fails its "
+                                   f"checksum (stored {stored}, read {read}): the file is corrupt")
+
+    def read_expert(self, layer_name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [2I, H], w2 [H, I]) of one logical expert: copies out of the memory map, checksums verified."""
+        entry = self._entry(layer_name)
+        parts = []
+        for role, view, stored, file in self._sources(layer_name, expert):
+            out = torch.empty_like(view)
+            self._verify(role, file, layer_name, expert, stored, _copy_checksum(view, out))
+            parts.append(out)
+        w13, w2 = (parts[0], parts[1]) if entry.layout == "stacked" else (torch.cat(parts[:2]), parts[2])
         if tuple(w13.shape) != tuple(entry.w13_shape) or tuple(w2.shape) != tuple(entry.w2_shape):
             raise ShadowStoreError(f"{entry.files['w13']}: expert {expert} of {layer_name!r} has the wrong shape")
         return w13, w2
 
     def restore(self, layer: ResilientMoE, layer_name: str, expert: int, slot: int) -> int:
-        """Read ``expert`` and write it into ``slot`` of ``layer`` in place, then route to it.
-        Reading happens first: a failed read leaves the layer untouched. Returns bytes copied."""
-        w13, w2 = self.read_expert(layer_name, expert)
-        if w13.dtype != layer.experts.w13.dtype:
-            raise ShadowStoreError(f"{self._entry(layer_name).files['w13']}: dtype {w13.dtype} does not match "
-                                   f"layer {layer_name!r} ({layer.experts.w13.dtype})")
-        layer.load_expert(expert, slot, w13, w2)
-        return (w13.numel() + w2.numel()) * w13.element_size()
+        """Copy ``expert`` from the memory map straight into ``slot`` of ``layer``, verifying each row's
+        checksum in the same pass, then route to it. Everything that can be checked without reading
+        the bytes is checked first and leaves the layer untouched; a row failing its checksum raises
+        with ``slot`` left out of routing. Returns bytes copied."""
+        entry = self._entry(layer_name)
+        sources = self._sources(layer_name, expert)
+        want = tuple(layer.experts.w13.shape[1:]), tuple(layer.experts.w2.shape[1:])
+        if (tuple(entry.w13_shape), tuple(entry.w2_shape)) != want:
+            raise ShadowStoreError(f"{entry.files['w13']}: expert {expert} of {layer_name!r} has shapes "
+                                   f"{list(entry.w13_shape)}, {list(entry.w2_shape)}; slots take {list(want[0])}, {list(want[1])}")
+        for role, view, _, file in sources:
+            if view.dtype != layer.experts.w13.dtype:
+                raise ShadowStoreError(f"{file}: dtype {view.dtype} does not match layer {layer_name!r} "
+                                       f"({layer.experts.w13.dtype})")
+
+        def write(w13: torch.Tensor, w2: torch.Tensor) -> None:
+            gate_rows = sources[0][1].shape[0]
+            dsts = [w13, w2] if entry.layout == "stacked" else [w13[:gate_rows], w13[gate_rows:], w2]
+            for (role, view, stored, file), dst in zip(sources, dsts):
+                self._verify(role, file, layer_name, expert, stored, _copy_checksum(view, dst))
+
+        layer.write_expert(expert, slot, write)
+        return sum(view.numel() for _, view, _, _ in sources) * layer.experts.w13.element_size()
 
     # ----------------------------------------------------------------------------------- training
     def refresh(self, model: nn.Module, step: int, *, background: bool = True) -> Future | list[str]:
@@ -322,13 +453,15 @@ class ShadowStore:
         for name, (w13, w2) in sorted(snapshot.items()):
             entry = self._entry(name)
             h = self._handle(entry.files["w13"])
-            if torch.equal(h.get_tensor("w13"), w13) and torch.equal(h.get_tensor("w2"), w2):
+            if torch.equal(h.view("w13"), w13) and torch.equal(h.view("w2"), w2):
                 entry.step = step  # verified current at this step
                 continue
             path = entry.files["w13"]
-            _atomic_save({"w13": w13, "w2": w2}, path, {"layer": name, "fingerprint": entry.fingerprint, "step": str(step)})
+            _save_experts(path, name, entry.fingerprint, step, w13, w2)
+            fresh = MappedSafetensors(path)  # readers holding the old map keep the old inode
+            sums = {r: self._read_checksums(fresh, r, entry.num_experts) for r in ("w13", "w2")}
             with self._lock:
-                self._handles.pop(path, None)  # readers holding the old map keep the old inode
+                self._handles[path], entry.checksums = fresh, sums
             entry.step = step
             changed.append(name)
         manifest = {"format": FORMAT, "layers": {

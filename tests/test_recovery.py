@@ -124,3 +124,119 @@ def test_recover_under_ep_plans_on_the_load_it_is_given(served):
     with pytest.raises(ValueError, match="load for layer 'layer' has shape"):
         recover(layer, [1], shadow=store, topology=topo, local_rank=0, load={"layer": torch.zeros(3)})
     assert torch.equal(layer.placement.phy2log, baseline["placement.phy2log"])  # refused before any edit
+
+
+# --------------------------------------------------------------------------- honest reports, consistent replicas
+# Two hosts ({0, 1}, {2, 3}), four slots a rank. Losing rank 1 leaves expert 2 with no live replica and
+# expert 3 with two of its three: its redundancy copy lands on rank 0 (host 0), whose cheapest sources
+# are a host-memory shadow or a replica on the other host.
+TWO_HOSTS = P.Topology(4, 2)
+PHY2LOG = [0, 1, -1, -1, 2, 3, -1, -1, 3, 1, -1, -1, 3, 0, -1, -1]
+
+
+def _two_host_layer(tmp_path, step=0):
+    torch.manual_seed(1)
+    layer = ResilientMoE(MoEConfig(H, I, 4, 2, num_slots=16, world_size=4), phy2log=PHY2LOG)
+    layer.load_logical_weights(torch.randn(4, 2 * I, H) / H**0.5, torch.randn(4, H, I) / I**0.5)
+    return layer, ShadowStore.export(layer, str(tmp_path / "shadow"), step=step)
+
+
+def _replicas_agree(layer):
+    for e in range(layer.config.num_experts):
+        slots = layer.placement.slots_of(e)
+        for s in slots[1:]:
+            assert torch.equal(layer.experts.w13[s], layer.experts.w13[slots[0]]), (e, s)
+            assert torch.equal(layer.experts.w2[s], layer.experts.w2[slots[0]]), (e, s)
+
+
+def test_report_counts_only_experts_that_lost_every_replica_as_restored(tmp_path):
+    layer, store = _two_host_layer(tmp_path)
+    plan = P.repair_plan(PHY2LOG, layer.placement.slot_rank, [True, False, True, True], np.ones(4), TWO_HOSTS)
+    assert [tuple(c[:3]) for c in plan.copies.tolist()] == [(2, 2, P.SOURCE_SHADOW_MEMORY),
+                                                            (3, 3, P.SOURCE_SHADOW_MEMORY)]
+    report = recover(layer, [1], shadow=store, topology=TWO_HOSTS)
+    assert (report.experts_remapped, report.experts_restored, report.replicas_added) == (1, 1, 1)
+    assert layer.placement.slots_of(2) == [2] and layer.placement.slots_of(3) == [3, 8, 12]
+    # step unknown: the shadow may be stale, so the redundancy copy came from the live replica on host 1
+    assert set(report.bytes_by_source) == {"shadow_memory", "peer_other_host"}
+    assert report.shadow_age_steps == {("layer", 2): None} and "age unknown" in report.summary()
+    _replicas_agree(layer)
+
+
+def _train(layer, steps):
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    for _ in range(steps):
+        layer(torch.randn(64, H)).square().mean().backward()
+        layer.reduce_replica_grads()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_stale_shadow_never_makes_replicas_disagree(tmp_path):
+    layer, store = _two_host_layer(tmp_path, step=0)
+    _train(layer, 3)  # the shadow is now 3 steps behind
+    current3 = layer.experts.w13[5].detach().clone()
+    report = recover(layer, [1], shadow=store, topology=TWO_HOSTS, step=3)
+    _replicas_agree(layer)  # expert 3's new copy came from a live replica, not the step-0 shadow
+    assert len(layer.placement.slots_of(3)) == 3
+    assert all(torch.equal(layer.experts.w13[s], current3) for s in layer.placement.slots_of(3))
+    assert report.stale_restores == {("layer", 2): 3}  # no live copy left: restored, and reported
+    assert "STALE shadow: layer[2] 3 steps old" in report.summary()
+
+
+def test_current_shadow_supplies_redundancy(tmp_path):
+    layer, store = _two_host_layer(tmp_path, step=0)
+    _train(layer, 2)
+    store.refresh(layer, 2, background=False)
+    report = recover(layer, [1], shadow=store, topology=TWO_HOSTS, step=2)
+    assert report.bytes_by_source == {"shadow_memory": 2 * 3 * H * I * 4}  # both copies, the cheaper source
+    assert report.stale_restores == {} and report.replicas_added == 1
+    _replicas_agree(layer)
+
+
+@pytest.mark.parametrize("local_rank", [0, 2, 3])
+def test_under_ep_a_remote_replica_and_stale_shadow_skip_redundancy_on_every_rank(tmp_path, local_rank):
+    layer, store = _two_host_layer(tmp_path, step=0)
+    report = recover(layer, [1], shadow=store, topology=TWO_HOSTS, step=4, local_rank=local_rank)
+    assert report.redundancy_skipped == {"layer": [3]} and report.replicas_added == 0
+    assert layer.placement.phy2log.tolist() == [0, 1, 2, -1, 2, 3, -1, -1, 3, 1, -1, -1, 3, 0, -1, -1]
+    assert "redundancy not restored" in report.summary()
+
+
+@pytest.mark.parametrize("ranks", [1, np.int64(1), torch.tensor(1), [np.int32(1)], torch.tensor([1]), (1,),
+                                   np.array([1])], ids=lambda r: type(r).__name__)
+def test_lost_ranks_accept_integer_likes(tmp_path, ranks):
+    layer, store = _two_host_layer(tmp_path)
+    assert recover(layer, ranks, shadow=store, topology=TWO_HOSTS).lost_ranks == [1]
+    assert layer.placement.dead_ranks() == [1]
+
+
+@pytest.mark.parametrize("ranks", [[1.5], "1", True, [True], torch.tensor(1.0), [None], np.bool_(True)],
+                         ids=repr)
+def test_lost_ranks_refuse_other_types_and_change_nothing(tmp_path, ranks):
+    layer, store = _two_host_layer(tmp_path)
+    before = {n: t.clone() for n, t in layer.placement.state_dict().items()}
+    with pytest.raises(TypeError, match="not an integer|is a string"):
+        recover(layer, ranks, shadow=store, topology=TWO_HOSTS)
+    for n, t in layer.placement.state_dict().items():
+        assert torch.equal(t, before[n]), n
+
+
+def test_recover_accepts_a_compiled_model(tmp_path):
+    torch.manual_seed(2)
+    cfg = MoEConfig(H, I, 4, 2, num_slots=16, world_size=4)
+    model = torch.nn.Sequential(*[ResilientMoE(cfg, phy2log=PHY2LOG) for _ in range(3)])
+    store = ShadowStore.export(model, str(tmp_path))
+    x = torch.randn(24, H)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        want = model(x)
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            report = recover(compiled, [1], shadow=store, topology=TWO_HOSTS, probe=x)
+            out = compiled(x)
+    assert report.recompiles == 0 and set(report.uncovered) == {"0", "1", "2"}
+    assert report.experts_restored == 3 and all(not v for v in report.uncovered.values())
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

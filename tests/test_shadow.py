@@ -179,3 +179,98 @@ def test_routing_state_checkpoint_roundtrip(tmp_path):
     torch.testing.assert_close(out_fresh, out)
     with pytest.raises(ShadowStoreError, match="no matching routing state"):
         load_routing_state(ResilientMoE(MoEConfig(H, I + 8, E, 2, num_slots=12, world_size=4)), path)
+
+
+# --------------------------------------------------------------------------- checksums
+def _data_offset(path, key, expert):
+    """Byte offset in the file of row ``expert`` of tensor ``key``."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    info = json.loads(raw[8:8 + n])[key]
+    begin, end = info["data_offsets"]
+    return 8 + n + begin + expert * (end - begin) // info["shape"][0]
+
+
+def test_checksum_kernel_matches_its_definition():
+    for n in (0, 1, 7, 8, 9, 4095, 1 << 20):  # tails, and more than one thread's share
+        t = torch.randint(0, 256, (n,), dtype=torch.uint8)
+        padded = torch.cat([t, torch.zeros(-n % 8, dtype=torch.uint8)]).view(torch.int64)
+        want = int((padded * (2 * torch.arange(padded.numel()) + 1)).sum()) & (2**64 - 1)  # wraps mod 2^64
+        assert int(torch.ops.moe_resilient.checksum(t)) & (2**64 - 1) == want, n
+        dst = torch.empty_like(t)
+        assert torch.ops.moe_resilient.copy_checksum(t, dst) == torch.ops.moe_resilient.checksum(t)
+        assert torch.equal(dst, t)
+
+
+@pytest.mark.parametrize("role, damage", [("w13", "bitflip"), ("w2", "nan")])
+def test_corrupt_expert_is_refused_naming_the_tensor(tmp_path, role, damage):
+    layer = _layer()
+    store = ShadowStore.export(layer, str(tmp_path))
+    f = str(tmp_path / "layer_000.safetensors")
+    at = _data_offset(f, role, 5) + 4 * 17
+    data = bytearray(open(f, "rb").read())
+    if damage == "bitflip":
+        data[at] ^= 0x10
+    else:
+        data[at:at + 4] = torch.tensor([float("nan")]).view(torch.uint8).numpy().tobytes()
+    with open(f, "r+b") as fh:  # in place, as bit rot would: the page cache the map reads changes too
+        fh.write(bytes(data))
+    for s in (ShadowStore.open(str(tmp_path)), store):
+        layer.placement.clear(5, allow_uncovered=True)
+        with pytest.raises(ShadowStoreError, match=rf"tensor '{role}', expert 5 of layer 'layer' fails its checksum"):
+            s.restore(layer, "layer", 5, 8)
+        assert layer.placement.slots_of(5) == [] and int(layer.placement.phy2log[8]) == -1  # never routed
+        with pytest.raises(ShadowStoreError, match="fails its checksum"):
+            s.read_expert("layer", 5)
+        s.restore(layer, "layer", 4, 8)  # the other experts' rows still restore
+        layer.placement.clear(8, allow_uncovered=True)
+
+
+def test_refresh_keeps_checksums_current(tmp_path):
+    layer = _layer()
+    store = ShadowStore.export(layer, str(tmp_path))
+    with torch.no_grad():
+        layer.experts.w2.mul_(2.0)
+    store.refresh(layer, 3, background=False)
+    layer.placement.clear(5, allow_uncovered=True)
+    store.restore(layer, "layer", 5, 8)
+    assert torch.equal(layer.experts.w2[8], layer.experts.w2[5])
+    assert ShadowStore.open(str(tmp_path)).read_expert("layer", 5)[1].equal(layer.experts.w2[5])
+
+
+# --------------------------------------------------------------------------- routing state: all or nothing
+def _two_layers(seed=0):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(H, I, E, 2, num_slots=12, world_size=4)
+    return torch.nn.Sequential(ResilientMoE(cfg), ResilientMoE(cfg))
+
+
+def _snapshot(model):
+    return {n: (t.detach().clone(), t.data_ptr()) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+@pytest.mark.parametrize("checksummed", [True, False])
+def test_bad_routing_state_changes_no_layer(tmp_path, checksummed):
+    saved = _two_layers()
+    for layer in saved:  # a placement that would rewrite slots and weights in both layers
+        layer.move_expert(1, 9)
+        layer.add_replica(3, 10)
+    path = str(tmp_path / "routing.safetensors")
+    save_routing_state(saved, path)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["1/phy2log"][2] ^= 1 << 4  # one flipped bit in layer 1: expert 2 -> 18, which does not exist
+    if not checksummed:  # a file without checksums (or one whose checksums were rewritten to match)
+        meta.pop("__checksums__")
+    save_file(tensors, path, metadata=meta)
+
+    fresh = _two_layers()
+    store = ShadowStore.export(fresh, str(tmp_path / "shadow"))
+    before = _snapshot(fresh)
+    with pytest.raises((ShadowStoreError, __import__("moe_resilient").PlacementError),
+                       match="'1/phy2log' fails its checksum" if checksummed else "layer '1'.*unknown expert 18"):
+        load_routing_state(fresh, path, shadow=store)
+    for n, (t, ptr) in _snapshot(fresh).items():
+        assert torch.equal(t, before[n][0]) and ptr == before[n][1], n

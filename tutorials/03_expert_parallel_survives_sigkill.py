@@ -66,6 +66,7 @@ def serve(shadow_dir: str) -> None:
                     except RankFailure as failure:  # every survivor repairs alike, then they compare
                         print(f"rank {rank}, step {step}: {failure}", flush=True)  # names how it was seen
                         _, report = recover_across_ranks(layer, failure.lost_ranks, group, shadow=shadow,
+                                                          shadow_current=True,  # serving: weights never change
                                                           topology=planner.Topology(W, W))
                         print(f"rank {rank}, step {step}: {report.summary()}", flush=True)
                 torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
