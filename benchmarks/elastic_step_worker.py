@@ -20,6 +20,7 @@ ROWS, HIDDEN, ROUNDS, BLOCK = 256, 1024, 150, 10
 
 if __name__ == "__main__":
     out = sys.argv[1]
+    ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else ROUNDS
     group = ElasticGroup.from_env().start()
     dist.init_process_group("gloo")  # env://: the launcher's store, a plain fixed group
     W, rank = group.world_size, group.rank

@@ -343,11 +343,12 @@ class ResilientMoE(nn.Module):
         if vacate is not None:
             final[vacate] = -1
         uncovered_before = p.uncovered()  # restoring one expert need not cover the others first
-        p.check(final, allow_uncovered=uncovered_before)
+        active = p.active.cpu()
+        derived = p._derive(final, active, uncovered_before)  # the final state, validated once
         if int(p.phy2log[slot]) >= 0:
             p.clear(slot, allow_uncovered=True)
         write()
-        p.remap(final, allow_uncovered=uncovered_before)
+        p._commit(final, active, uncovered_before, derived)
 
     # ----------------------------------------------------------------------------------- training
     @torch.no_grad()

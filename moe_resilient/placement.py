@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -186,10 +187,12 @@ class ExpertPlacement(nn.Module):
         return t
 
     def _derive(self, phy2log: torch.Tensor, active: torch.Tensor, allow_uncovered: AllowUncovered):
-        """Validate a whole state and return its (log2phy, logcnt)."""
-        live = (phy2log >= 0) & active[self.slot_rank.cpu()]
-        log2phy = torch.full((self.num_experts, self.max_replicas), -1, dtype=torch.long)
-        logcnt = torch.bincount(phy2log[live], minlength=self.num_experts)
+        """Validate a whole state and return its (log2phy, logcnt). In NumPy: a recovery derives a
+        state for every edit, and small torch ops cost microseconds each."""
+        p2l = phy2log.numpy()
+        slots = np.flatnonzero((p2l >= 0) & active.numpy()[self.slot_rank.cpu().numpy()])
+        experts = p2l[slots]
+        logcnt = np.bincount(experts, minlength=self.num_experts)
         if int(logcnt.max()) > self.max_replicas:
             e = int(logcnt.argmax())
             raise PlacementError(
@@ -197,15 +200,20 @@ class ExpertPlacement(nn.Module):
             )
         if allow_uncovered is not True:
             allowed = set() if allow_uncovered is False else set(allow_uncovered)
-            missing = sorted(set(torch.nonzero(logcnt == 0).flatten().tolist()) - allowed)
+            missing = sorted(set(np.flatnonzero(logcnt == 0).tolist()) - allowed)
             if missing:
                 raise PlacementError(f"experts {missing} would have no live replica (pass allow_uncovered=True)")
-        for e, s in sorted(zip(phy2log[live].tolist(), torch.nonzero(live).flatten().tolist())):
-            log2phy[e, int((log2phy[e] >= 0).sum())] = s
-        return log2phy, logcnt
+        order = np.lexsort((slots, experts))  # by expert, then slot
+        by_expert = experts[order]
+        column = np.arange(order.size) - (np.cumsum(logcnt) - logcnt)[by_expert]
+        log2phy = np.full((self.num_experts, self.max_replicas), -1, dtype=np.int64)
+        log2phy[by_expert, column] = slots[order]
+        return torch.from_numpy(log2phy), torch.from_numpy(logcnt.astype(np.int64))
 
-    def _commit(self, phy2log: torch.Tensor, active: torch.Tensor, allow_uncovered: AllowUncovered) -> None:
-        log2phy, logcnt = self._derive(phy2log, active, allow_uncovered)
+    def _commit(self, phy2log: torch.Tensor, active: torch.Tensor, allow_uncovered: AllowUncovered,
+                derived: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Copy a state in; ``derived``: its (log2phy, logcnt) from ``_derive``, already validated."""
+        log2phy, logcnt = derived if derived is not None else self._derive(phy2log, active, allow_uncovered)
         with torch.no_grad():  # in place: compiled graphs hold these addresses
             self.phy2log.copy_(phy2log)
             self.log2phy.copy_(log2phy)
