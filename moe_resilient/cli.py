@@ -80,15 +80,16 @@ def launch(nproc, respawn, timeout, script, args):
 
 @main.command()
 @click.option("--nproc", default=4, show_default=True)
-@click.option("--steps", default=60, show_default=True)
+@click.option("--steps", default=300, show_default=True)
 @click.option("--tokens", default=32, show_default=True, help="tokens per rank per step")
 @click.option("--fail-rank", default=2, show_default=True)
-@click.option("--fail-step", default=20, show_default=True)
+@click.option("--fail-step", default=100, show_default=True)
 @click.option("--hang", is_flag=True, help="SIGSTOP (then SIGCONT) instead of SIGKILL")
 @click.option("--replace", is_flag=True, help="start a replacement that rejoins")
 @click.option("--baseline", type=click.Choice(["none", "restart"]), default="none", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the measurements here")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="PNG of throughput over time")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="PNG: step latency around the failure, throughput over the run")
 @click.option("--compile/--eager", "compile_", default=True, show_default=True,
               help="serve through compiled stages and count recompiles")
 def drill(nproc, steps, tokens, fail_rank, fail_step, hang, replace, baseline, json_path, plot_path, compile_):
@@ -97,15 +98,27 @@ def drill(nproc, steps, tokens, fail_rank, fail_step, hang, replace, baseline, j
 
     from moe_resilient.drill import plot, run_drill
 
-    result = run_drill(nproc, steps, fail_rank, fail_step, hang=hang, replace=replace,
-                       baseline=baseline == "restart", tokens=tokens, compile=compile_, echo=click.echo)
-    click.echo(f"detection {result['detection_latency_s'] * 1e3:.1f} ms, agreement {result['agreement_s'] * 1e3:.1f} ms, "
-               f"recovery {result['recovery_s'] * 1e3:.1f} ms, pause {result['pause_s'] * 1e3:.1f} ms, "
-               f"lost batches {result['lost_batches']}, re-run {result['rerun_batches']}, "
+    try:
+        result = run_drill(nproc, steps, fail_rank, fail_step, hang=hang, replace=replace,
+                           baseline=baseline == "restart", tokens=tokens, compile=compile_, echo=click.echo)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    ms = lambda v: "n/a" if v is None else f"{v * 1e3:.1f} ms"  # noqa: E731
+    back = result["time_to_95pct_throughput_s"]
+    click.echo(f"detection {ms(result['detection_latency_s'])}, agreement {ms(result['agreement_s'])}, "
+               f"recovery {ms(result['recovery_s'])}, pause {ms(result['pause_s'])}, stall {ms(result['stall_s'])}, "
+               f"95% throughput after {'never' if back is None else f'{back:.2f} s'}, lost batches "
+               f"{result['lost_batches']}, re-run {result['rerun_batches']}, "
                f"recompiles {result['recompiles']}{'' if compile_ else ' (eager)'}")
-    if "restart_warm_s" in result:
-        click.echo(f"full restart: cold cache {result['restart_cold_s']:.2f} s, warm cache {result['restart_warm_s']:.2f} s "
-                   f"= {result['restart_over_pause']:.0f}x the elastic pause")
+    if result["throughput_retained"] is not None:
+        click.echo(f"throughput after the failure {result['throughput_retained']:.0%} of before, "
+                   f"with {result['capacity_retained']:.0%} of the ranks")
+    if result["rejoin_pause_s"] is not None:
+        click.echo(f"rejoin pause {ms(result['rejoin_pause_s'])}")
+    if "restart_total_s" in result:
+        click.echo(f"full restart: every rank {result['restart_cold_s']:.2f} s cold, {result['restart_warm_s']:.2f} s "
+                   f"warm; one rank alone {result['restart_one_rank_s']:.2f} s warm; with detection and teardown "
+                   f"{result['restart_total_s']:.2f} s = {result['restart_over_pause']:.0f}x the elastic pause")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)

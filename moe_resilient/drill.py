@@ -79,7 +79,8 @@ def worker(args) -> int:
     def emit(**rec):
         log.write(json.dumps(rec) + "\n")
 
-    model = DrillModel(int(os.environ["WORLD_SIZE"]), args.slots_per_rank, args.seed).eval()
+    world = args.alone_of or int(os.environ["WORLD_SIZE"])
+    model = DrillModel(world, args.slots_per_rank, args.seed).eval()
     shadow = ShadowStore.open(args.shadow)
     if args.restart:  # baseline: weights from safetensors (then compiled below, as every rank is)
         for name, layer in resilient_layers(model).items():
@@ -89,9 +90,15 @@ def worker(args) -> int:
                     layer.experts.write_slot(s, w13, w2)
     if args.compile:  # compile before the group forms: peers would otherwise wait out the first compile
         with torch.no_grad():
-            model.ep(make_batch(0, rank, args.tokens), Loopback(int(os.environ["WORLD_SIZE"])), compiled=True)
+            model.ep(make_batch(0, rank, args.tokens), Loopback(world), compiled=True)
         for layer in model.moe:
             layer.read_load(reset=True)
+    if args.alone_of:  # restart baseline: one rank restarted alone, ready to rejoin once it served a step
+        t0 = time.time()
+        with torch.no_grad():
+            model.ep(make_batch(0, rank, args.tokens), Loopback(world), compiled=args.compile)
+        emit(step=0, batch_of=rank, served_by=rank, gen=0, t0=t0, t1=time.time(), tokens=args.tokens)
+        return 0
     group = ElasticGroup.from_env(timeout=args.collective_timeout, heartbeat_timeout=args.heartbeat_timeout).start()
     step = 0
     if group.joined:  # a replacement: the members run the same readmission after their step boundary
@@ -103,7 +110,16 @@ def worker(args) -> int:
     pending = []  # (step, batch_of) of dead ranks' in-flight batches to re-run
     rejoined_at = [step if group.joined else -1]  # step at which the last admission completed
 
+    def stop_at() -> int:  # the orchestrator names a step far enough ahead that every member has read it
+        try:
+            with open(args.stop_file) as f:
+                return int(f.read())
+        except (TypeError, FileNotFoundError, ValueError):
+            return 1 << 62
+
     def more_steps() -> bool:  # every member decides alike: same step, same agreed membership
+        if step >= stop_at():
+            return False
         short = len(group.members) < group.world_size
         waiting = args.until_full and short and step < args.steps + args.max_extra_steps
         after = args.until_full and not short and rejoined_at[0] >= 0 and step < rejoined_at[0] + args.after_full
@@ -176,6 +192,8 @@ def worker_args(argv=None):
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--save-outputs", action="store_true")
     ap.add_argument("--restart", action="store_true")
+    ap.add_argument("--stop-file", help="serve until the step this file names (written by the orchestrator)")
+    ap.add_argument("--alone-of", type=int, default=0, help="restart baseline: rank of a W-rank job, alone")
     ap.add_argument("--compile", action="store_true", help="compiled compute stages (dispatch.compiled_stages)")
     ap.add_argument("--until-full", action="store_true", help="keep serving until every rank is back")
     ap.add_argument("--max-extra-steps", type=int, default=3000)
@@ -237,17 +255,19 @@ def _wait(pred, timeout: float, what: str, echo=None, status=None) -> None:
 
 
 def measure_restart(nproc: int, shadow_dir: str, work_dir: str, cache_dir: str, tokens: int, slots_per_rank: int,
-                    compile: bool = True, echo=print) -> float:
-    """Full-restart baseline: launch every rank anew; each loads its weights from safetensors, forms
-    the group and serves one step, compiling the serving path on the way (with ``cache_dir`` as the
-    compile cache: cold the first time, warm after). Seconds until all served it."""
+                    compile: bool = True, echo=print, alone_of: int = 0) -> float:
+    """Full-restart baseline: launch ``nproc`` ranks anew; each loads its weights from safetensors,
+    compiles the serving path (``cache_dir`` is the compile cache: cold the first time, warm after),
+    forms the group and serves one step. With ``alone_of`` W, one rank of the W-rank job restarts
+    alone (no peers competing for the cores) and stops once it has served a step on its own.
+    Seconds from launch until every rank served its step."""
     from moe_resilient.launch import Launcher
 
     out = os.path.join(work_dir, f"restart-{time.time_ns()}")
     os.makedirs(out)
     env = {**WORKER_ENV, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
     cmd = _worker_cmd(out, shadow_dir, {"steps": 1, "tokens": tokens, "slots-per-rank": slots_per_rank,
-                                        "restart": True, "compile": compile})
+                                        "restart": True, "compile": compile, "alone-of": alone_of or None})
     t0 = time.time()
     with Launcher(nproc, cmd, env=env, log_dir=os.path.join(out, "logs")) as launcher:
         _wait(lambda: all(any("batch_of" in x for x in recs) for recs in _read(out, nproc).values()), 600,
@@ -262,26 +282,100 @@ def _graphs_after_failure(recs: list[dict]) -> int:
     return counts[-1] - counts[0] if counts else 0
 
 
-def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: int = 20, hang: bool = False,
-              replace: bool = False, baseline: bool = False, tokens: int = 32, slots_per_rank: int = 3,
+def default_slots_per_rank(nproc: int) -> int:
+    """Enough slots that the survivors of one lost rank can hold every expert, and at least 3."""
+    return max(3, -(-EXPERTS // max(nproc - 1, 1)))
+
+
+def check_drill_args(nproc: int, steps: int, fail_rank: int, fail_step: int, slots_per_rank: int) -> None:
+    """ValueError naming the bad argument; nothing is started."""
+    if nproc < 2:
+        raise ValueError(f"--nproc {nproc}: a drill needs at least 2 ranks (one to fail, one to survive)")
+    if not 0 <= fail_rank < nproc:
+        raise ValueError(f"--fail-rank {fail_rank}: ranks are 0..{nproc - 1}")
+    if not 0 <= fail_step < steps:
+        raise ValueError(f"--fail-step {fail_step}: it must lie in [0, --steps {steps})")
+    if slots_per_rank * (nproc - 1) < EXPERTS:
+        raise ValueError(f"{slots_per_rank} slots per rank: {nproc - 1} survivors cannot hold {EXPERTS} experts")
+
+
+def _rate(times: np.ndarray, tokens: np.ndarray, start: float, end: float) -> float:
+    inside = (times > start) & (times <= end)
+    return float(tokens[inside].sum()) / (end - start)
+
+
+def serving_metrics(served: list[dict], t_fail: float, t_end: float, nproc: int, lost: int,
+                    admitted_t: list[float], window: float = 0.5) -> dict:
+    """The seed systems' figures from the served batches (times relative to the start):
+    stall (the longest gap between outputs of any rank after the failure), time from the failure
+    until throughput over ``window`` is back to 95% of the pre-failure rate, throughput retained
+    against capacity retained, and the pause in outputs around each admission of a replacement."""
+    t1 = np.array(sorted(x["t1"] for x in served))
+    tok = np.array([x["tokens"] for x in sorted(served, key=lambda x: x["t1"])], dtype=float)
+    before_rate = _rate(t1, tok, max(0.0, t_fail - 2.0), t_fail)  # the last 2 s (less at the start)
+    after = t1[t1 > t_fail]
+    outputs = np.concatenate([t1[t1 <= t_fail][-1:], after])
+    stall = float(np.diff(outputs).max()) if outputs.size > 1 else None
+    back = None
+    for end in after:  # windows ending at each output after the failure
+        if end - window >= t_fail and _rate(t1, tok, end - window, end) >= 0.95 * before_rate:
+            back = float(end - t_fail)
+            break
+    settle = t_fail + 1.0  # rate after the failure, once recovered (and before any replacement joins)
+    stop = min([t for t in admitted_t if t > settle] + [t_end])
+    after_rate = _rate(t1, tok, settle, stop) if stop - settle > window else None
+    rejoin = []
+    for t in admitted_t:
+        prev, nxt = t1[t1 <= t], t1[t1 > t]
+        if prev.size and nxt.size:
+            rejoin.append(float(nxt[0] - prev[-1]))
+    return {
+        "stall_s": stall,
+        "throughput_before_tok_s": before_rate,
+        "throughput_after_tok_s": after_rate,
+        "time_to_95pct_throughput_s": back,
+        "throughput_retained": after_rate / before_rate if after_rate is not None else None,
+        "capacity_retained": (nproc - lost) / nproc,
+        "rejoin_pause_s": max(rejoin) if rejoin else None,
+    }
+
+
+def run_drill(nproc: int = 4, steps: int = 300, fail_rank: int = 2, fail_step: int = 100, hang: bool = False,
+              replace: bool = False, baseline: bool = False, tokens: int = 32, slots_per_rank: int | None = None,
               step_sleep: float = 0.0, compile: bool = True, work_dir: str | None = None, echo=print) -> dict:
     """Serve, fail a rank at ``fail_step``, keep serving; returns the measurements (see README).
-    ``compile``: the ranks serve through compiled stages and the drill counts their recompiles."""
+    ``compile``: the ranks serve through compiled stages and the drill counts their recompiles.
+    Bad arguments raise ValueError before anything starts."""
     import tempfile
 
     from moe_resilient.launch import Launcher
 
+    slots_per_rank = slots_per_rank or default_slots_per_rank(nproc)
+    check_drill_args(nproc, steps, fail_rank, fail_step, slots_per_rank)
     work_dir = work_dir or tempfile.mkdtemp(prefix="moe-drill-")
     out, shadow_dir = os.path.join(work_dir, "elastic"), os.path.join(work_dir, "shadow")
     os.makedirs(out, exist_ok=True)
     ShadowStore.export(DrillModel(nproc, slots_per_rank), shadow_dir)
-    cmd = _worker_cmd(out, shadow_dir, {"steps": steps, "tokens": tokens, "slots-per-rank": slots_per_rank,
-                                        "step-sleep": step_sleep, "until-full": replace, "compile": compile,
+    restarts = {}
+    if baseline:  # first, so that the elastic run can serve over the restart's whole span
+        cache = os.path.join(work_dir, "inductor-cache")
+        runs = [("restart_cold_s", nproc, 0, "every rank, cold compile cache"),
+                ("restart_warm_s", nproc, 0, "every rank, warm compile cache"),
+                ("restart_one_rank_s", 1, nproc, "one rank alone, warm compile cache")]
+        for key, n, alone_of, what in runs:
+            echo(f"baseline: full restart of {what}")
+            restarts[key] = measure_restart(n, shadow_dir, work_dir, cache, tokens, slots_per_rank, compile, echo,
+                                            alone_of)
+    stop_file = os.path.join(out, "stop_at")
+    cmd = _worker_cmd(out, shadow_dir, {"steps": steps if not baseline else 1 << 40, "tokens": tokens,
+                                        "slots-per-rank": slots_per_rank, "step-sleep": step_sleep,
+                                        "until-full": replace, "after-full": 100 if replace else None,
+                                        "compile": compile, "stop-file": stop_file,
                                         "heartbeat-timeout": 0.5 if hang else None})
 
     def status():
         done = {r: sum("batch_of" in x for x in recs) for r, recs in _read(out, nproc).items()}
-        return "  serving: " + "  ".join(f"rank{r} {n:3d}/{steps}" for r, n in done.items())
+        return "  serving: " + "  ".join(f"rank{r} {n:3d}" + ("" if baseline else f"/{steps}") for r, n in done.items())
 
     with Launcher(nproc, cmd, respawn=replace, env=WORKER_ENV, log_dir=os.path.join(out, "logs")) as launcher:
         _wait(lambda: sum("batch_of" in x for x in _read(out, nproc)[fail_rank]) >= fail_step, 300,
@@ -296,6 +390,13 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
         _wait(recovered, 120, "survivors to recover", echo, status)
         if hang:  # the stale rank wakes up and must find itself fenced
             launcher.kill(fail_rank, signal.SIGCONT)
+        if baseline:  # serve past the moment the restart would have been back, then stop all alike
+            span = t_fail + min(restarts["restart_warm_s"], restarts["restart_one_rank_s"]) + 1.5
+            _wait(lambda: time.time() > span, 600, "the restart's span to pass", echo, status)
+            served_steps = max(x["step"] for recs in _read(out, nproc).values() for x in recs if "batch_of" in x)
+            with open(stop_file + ".tmp", "w") as f:
+                f.write(str(max(served_steps + 40, steps)))
+            os.replace(stop_file + ".tmp", stop_file)
         _wait(lambda: not launcher.running(), 600, "the ranks to finish", echo, status)
         codes = launcher.wait(60)
         reaped = [t for r, _, t in launcher.exits if r == fail_rank]
@@ -305,12 +406,15 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
     before = [x["t1"] for x in served if x["t1"] < t_fail]
     after = [x["t1"] for x in served if x["t0"] > t_fail]
     lost_step = min(f["step"] for f in failures)
+    steps = max(x["step"] for x in served) + 1 if baseline else steps
     expected = {(s, b) for s in range(steps) for b in range(nproc) if b != fail_rank or s <= lost_step}
     got = {(x["step"], x["batch_of"]) for x in served}
     t_start = min(x["t0"] for x in served)
+    admitted = [x for r in range(nproc) for x in recs[r] if x.get("event") == "admitted"]
+    rel = lambda t: t - t_start  # noqa: E731
     result = {
         "nproc": nproc, "steps": steps, "tokens_per_batch": tokens, "failed_rank": fail_rank,
-        "failure": "hang (SIGSTOP)" if hang else "crash (SIGKILL)", "fail_time": t_fail - t_start,
+        "failure": "hang (SIGSTOP)" if hang else "crash (SIGKILL)", "fail_time": rel(t_fail),
         "failure_step": lost_step,  # the step the survivors found the rank gone: >= fail_step, timing decides
         "detection_latency_s": min(f["t_detect"] for f in failures) - t_fail,
         "death_notice_s": reaped[0] - t_fail if reaped and not hang else None,  # kill -> launcher reaped it
@@ -324,49 +428,83 @@ def run_drill(nproc: int = 4, steps: int = 60, fail_rank: int = 2, fail_step: in
         "recompiles": sum(_graphs_after_failure(recs[r]) for r in survivors),
         "recoveries": sorted({f["recovery"] for f in failures}),
         "exit_codes": codes,
-        "admitted": [x for r in range(nproc) for x in recs[r] if x.get("event") == "admitted"][:4],
-        "timeline": sorted((x["t1"] - t_start, x["tokens"]) for x in served),
+        "admitted": [{**x, "t": rel(x["t"])} for x in admitted[:4]],
+        # each survivor's phases, relative to the start: (rank, detected, agreed, recovered)
+        "phases": [(r, rel(f["t_detect"]), rel(f["t_agreed"]), rel(f["t_recovered"]))
+                   for r in survivors for f in recs[r] if f.get("event") == "failure"],
+        # every served batch: (rank that served it, t0, t1, tokens), relative to the start
+        "batches": sorted((x["served_by"], rel(x["t0"]), rel(x["t1"]), x["tokens"]) for x in served),
         "work_dir": work_dir,
     }
+    result.update(serving_metrics([{**x, "t1": rel(x["t1"])} for x in served], rel(t_fail),
+                                  max(rel(x["t1"]) for x in served), nproc, 1,
+                                  sorted({rel(x["t"]) for x in admitted})))
     if baseline:
-        cache = os.path.join(work_dir, "inductor-cache")
-        echo("baseline: full restart with a cold compile cache")
-        result["restart_cold_s"] = measure_restart(nproc, shadow_dir, work_dir, cache, tokens, slots_per_rank,
-                                                   compile, echo)
-        echo("baseline: full restart with a warm compile cache")
-        result["restart_warm_s"] = measure_restart(nproc, shadow_dir, work_dir, cache, tokens, slots_per_rank,
-                                                   compile, echo)
-        result["restart_over_pause"] = result["restart_warm_s"] / result["pause_s"]
+        result.update(restarts)
+        # what a restart-based stack pays: see the failure, tear the old processes down, come back
+        # (the cheaper of the two restarts); the elastic pause already contains its detection
+        teardown = result["death_notice_s"] or 0.0
+        result["restart_total_s"] = (result["detection_latency_s"] + teardown
+                                     + min(result["restart_warm_s"], result["restart_one_rank_s"]))
+        result["restart_over_pause"] = result["restart_total_s"] / result["pause_s"]
     return result
 
 
 def plot(result: dict, path: str) -> None:
-    """Throughput over time across the failure; with a baseline, the full restart's gap beside it."""
+    """Two panels. Top: each rank's per-step latency as points around the failure, with the phases
+    (detection, agreement, recovery) shaded. Bottom: throughput over the whole run in 0.1 s bins, and
+    with a baseline, the measured full restart drawn to scale from the failure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = np.array([x[0] for x in result["timeline"]])
-    tok = np.array([x[1] for x in result["timeline"]], dtype=float)
-    bucket = 0.25  # seconds: ~10 steps of the built-in model per bucket, so the rate is smooth
-    edges = np.arange(0, t.max() + bucket, bucket)
-    rate, _ = np.histogram(t, bins=edges, weights=tok)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.step(edges[:-1], rate / bucket, where="post", label="moe_resilient (elastic)", color="tab:blue")
-    ax.axvline(result["fail_time"], color="tab:red", ls="--", label=f"{result['failure']} of rank {result['failed_rank']}")
-    if "restart_warm_s" in result:
-        steady = tok[t < result["fail_time"]].sum() / result["fail_time"]
-        gap = result["restart_warm_s"]
-        xs = [0, result["fail_time"], result["fail_time"], result["fail_time"] + gap, result["fail_time"] + gap,
-              result["fail_time"] + gap + 2]
-        ax.plot(xs, [steady, steady, 0, 0, steady, steady], color="tab:gray",
-                label=f"full restart (warm cache, measured {gap:.1f} s)")
-    ax.set_xlabel("time since start (s)")
-    ax.set_ylabel("tokens / s (all ranks)")
-    ax.set_title(f"{result['nproc']} ranks: pause {result['pause_s'] * 1e3:.0f} ms, "
-                 f"detection {result['detection_latency_s'] * 1e3:.0f} ms")
-    ax.legend(loc="lower right")
+    b = np.array(result["batches"], dtype=float)  # rank, t0, t1, tokens
+    t_fail = result["fail_time"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), gridspec_kw={"height_ratios": [1, 1]})
+    lo, hi = t_fail - 0.4, t_fail + max(0.6, 3 * result["pause_s"])
+    for r in sorted(set(b[:, 0].astype(int))):
+        mine = b[(b[:, 0] == r) & (b[:, 2] >= lo) & (b[:, 2] <= hi)]
+        top.plot(mine[:, 2], (mine[:, 2] - mine[:, 1]) * 1e3, "o", ms=4, label=f"rank {r}")
+    detect = [p[1] for p in result["phases"]]
+    agreed = [p[2] for p in result["phases"]]
+    done = [p[3] for p in result["phases"]]
+    if detect:
+        top.axvspan(t_fail, min(detect), color="tab:red", alpha=0.15, label="failure -> detected")
+        top.axvspan(min(detect), max(agreed), color="tab:orange", alpha=0.2, label="agreement")
+        top.axvspan(max(agreed), max(done), color="tab:green", alpha=0.2, label="recovery")
+    top.axvline(t_fail, color="tab:red", ls="--")
+    top.set_xlim(lo, hi)
+    top.set_ylim(bottom=0)
+    top.set_xlabel("time since start (s)")
+    top.set_ylabel("step latency (ms)")
+    stall = result.get("stall_s")
+    top.set_title(f"{result['failure']} of rank {result['failed_rank']} ({result['nproc']} ranks): detection "
+                  f"{result['detection_latency_s'] * 1e3:.1f} ms, pause {result['pause_s'] * 1e3:.0f} ms"
+                  + (f", longest gap between outputs {stall * 1e3:.0f} ms" if stall else ""))
+    top.legend(loc="upper right", fontsize=8, ncol=2)
+
+    bin_s = 0.1
+    end = b[:, 2].max()
+    span = max(end, t_fail + result.get("restart_total_s", 0.0) + 1.0)
+    edges = np.arange(0.0, end - bin_s + 1e-9, bin_s)  # whole bins only: no half-empty last bin
+    rate, _ = np.histogram(b[:, 2], bins=np.append(edges, edges[-1] + bin_s), weights=b[:, 3])
+    bottom.step(edges, rate / bin_s, where="post", color="tab:blue", label="moe_resilient (elastic)")
+    if "restart_total_s" in result:
+        steady = result["throughput_before_tok_s"]
+        back = t_fail + result["restart_total_s"]
+        bottom.plot([0, t_fail, t_fail, back, back, span], [steady, steady, 0, 0, steady, steady], color="tab:gray",
+                    label=f"full restart: {result['restart_total_s']:.1f} s (detection + teardown + the cheaper "
+                          f"restart, measured)")
+    if result.get("admitted"):
+        t_admit = min(x["t"] for x in result["admitted"])
+        bottom.axvline(t_admit, color="tab:green", ls=":", label=f"replacement admitted (rejoin pause "
+                                                                 f"{result['rejoin_pause_s'] * 1e3:.0f} ms)")
+    bottom.axvline(t_fail, color="tab:red", ls="--", label=result["failure"])
+    bottom.set_xlim(0, span)
+    bottom.set_ylim(bottom=0)
+    bottom.set_xlabel("time since start (s)")
+    bottom.set_ylabel(f"tokens / s, all ranks ({bin_s:.1f} s bins)")
+    bottom.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

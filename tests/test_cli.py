@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,37 @@ def test_drill_writes_json_and_plot(tmp_path):
     assert 0 < result["detection_latency_s"] < result["pause_s"]
     assert result["compiled"] and result["recompiles"] == 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the seed systems' figures
+    assert result["stall_s"] >= result["pause_s"] > 0
+    assert result["capacity_retained"] == 0.75 and result["rejoin_pause_s"] is None
+    assert result["throughput_before_tok_s"] > 0
+    assert {"time_to_95pct_throughput_s", "throughput_after_tok_s", "throughput_retained"} <= set(result)
+    assert [p[0] for p in result["phases"]] == [0, 1, 3]
+    assert all(t_fail <= detect <= agreed <= done for _, detect, agreed, done in result["phases"]
+               for t_fail in [result["fail_time"]])
+    assert {(rank, tokens) for rank, _, _, tokens in result["batches"]} == {(r, 32) for r in range(4)}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fail-rank", "4"], "--fail-rank 4: ranks are 0..3"),
+    (["--fail-step", "30", "--steps", "10"], r"--fail-step 30: it must lie in \[0, --steps 10\)"),
+    (["--nproc", "1"], "--nproc 1: a drill needs at least 2 ranks"),
+])
+def test_drill_refuses_bad_arguments_at_once(args, message):
+    proc = subprocess.run([sys.executable, "-m", "moe_resilient.cli", "drill", *args], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr
+
+
+def test_drill_with_two_ranks(tmp_path):
+    out_json = tmp_path / "drill.json"
+    proc = subprocess.run([sys.executable, "-m", "moe_resilient.cli", "drill", "--nproc", "2", "--steps", "12",
+                           "--fail-rank", "0", "--fail-step", "4", "--eager", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out_json.read_text())
+    assert result["lost_batches"] == [] and result["exit_codes"] == {"0": -9, "1": 0}
+    assert result["capacity_retained"] == 0.5
 
 
 def test_launcher_environment(monkeypatch):
