@@ -59,23 +59,13 @@ def test_indirection_within_3_percent_of_fixed_placement(benchmark, tokens, pair
     assert ratio <= 1.03, f"placement indirection costs {ratio:.3f}x the fixed build at {tokens} tokens"
 
 
-def _hf_block(impl: str, dtype):
-    import transformers
-
-    cfg = transformers.MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
-    cfg._experts_implementation = impl
-    torch.manual_seed(0)
-    block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(cfg)
-    for p in block.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    return block.to(dtype).eval()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tokens, pairs", [(1, 60), (8, 30), (64, 20), (512, 11), (2048, 11)])
 def test_layer_no_slower_than_hf(benchmark, dtype, tokens, pairs):
     """ResilientMoE swapped in for HF's Mixtral block against the faster of HF's eager and grouped_mm
     expert implementations, each pair timed back to back."""
+    from test_forward import _hf_block  # the same block, built the same way
+
     from moe_resilient.hf import from_hf_block
 
     hf = {impl: _hf_block(impl, dtype) for impl in ("eager", "grouped_mm")}

@@ -40,7 +40,8 @@ class RecoveryReport:
     experts_remapped: int = 0  # held on a lost rank, still served by a surviving replica: no bytes moved
     experts_restored: int = 0  # had no live replica left; weights copied into a slot from the shadow
     replicas_added: int = 0  # redundancy lost with the dead ranks, copied back from a current source
-    # (layer, expert) -> steps the shadow copy restored was behind ``step`` (None: unknown, no step given)
+    # (layer, expert) -> steps the shadow copy restored was behind ``step`` (None: unknown, no step given;
+    # 0 when the caller said the shadow is current)
     shadow_age_steps: dict[tuple[str, int], int | None] = field(default_factory=dict)
     # layer -> experts whose lost redundancy was not restored: the only source was a stale (or absent)
     # shadow, or a replica on another rank under expert parallelism
@@ -197,7 +198,8 @@ def restore(name: str, layer: ResilientMoE, plan: planner.Plan, uncovered: set[i
             report.bytes_by_source[planner.SOURCE_NAMES[kind]] += slot_bytes
         if expert in need:
             need.discard(expert)
-            report.shadow_age_steps[(name, expert)] = (step - shadow.step(name)) if step is not None else None
+            age = (step - shadow.step(name)) if step is not None else (0 if shadow_current else None)
+            report.shadow_age_steps[(name, expert)] = age
             report.experts_restored += 1
         else:
             report.replicas_added += 1
