@@ -22,14 +22,18 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def paired_ratios(a, b, x, pairs: int) -> list[float]:
-    """time(a(x)) / time(b(x)) for ``pairs`` pairs, the order inside a pair alternating too."""
+def paired_ratios(a, b, x, pairs: int, setup=lambda: None) -> list[float]:
+    """time(a(x)) / time(b(x)) for ``pairs`` pairs, the order inside a pair alternating too;
+    ``setup()`` runs untimed before each call of ``a``."""
     ratios = []
     for i in range(pairs):
         if i % 2:
+            setup()
             ta, tb = _seconds(lambda: a(x)), _seconds(lambda: b(x))
         else:
-            tb, ta = _seconds(lambda: b(x)), _seconds(lambda: a(x))
+            tb = _seconds(lambda: b(x))
+            setup()
+            ta = _seconds(lambda: a(x))
         ratios.append(ta / tb)
     return ratios
 

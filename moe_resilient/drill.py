@@ -304,26 +304,25 @@ def _rate(times: np.ndarray, tokens: np.ndarray, start: float, end: float) -> fl
     return float(tokens[inside].sum()) / (end - start)
 
 
-def serving_metrics(served: list[dict], t_fail: float, t_end: float, nproc: int, lost: int,
+def serving_metrics(t1: np.ndarray, tokens: np.ndarray, t_fail: float, nproc: int, lost: int,
                     admitted_t: list[float], window: float = 0.5) -> dict:
-    """The seed systems' figures from the served batches (times relative to the start):
-    stall (the longest gap between outputs of any rank after the failure), time from the failure
-    until throughput over ``window`` is back to 95% of the pre-failure rate, throughput retained
-    against capacity retained, and the pause in outputs around each admission of a replacement."""
-    t1 = np.array(sorted(x["t1"] for x in served))
-    tok = np.array([x["tokens"] for x in sorted(served, key=lambda x: x["t1"])], dtype=float)
-    before_rate = _rate(t1, tok, max(0.0, t_fail - 2.0), t_fail)  # the last 2 s (less at the start)
+    """The seed systems' figures from the served batches (``t1`` [N] ascending output times relative to
+    the start, ``tokens`` [N]): stall (the longest gap between outputs of any rank after the failure),
+    time from the failure until throughput over ``window`` is back to 95% of the pre-failure rate,
+    throughput retained against capacity retained, and the pause in outputs around each admission of
+    a replacement."""
+    before_rate = _rate(t1, tokens, max(0.0, t_fail - 2.0), t_fail)  # the last 2 s (less at the start)
     after = t1[t1 > t_fail]
     outputs = np.concatenate([t1[t1 <= t_fail][-1:], after])
     stall = float(np.diff(outputs).max()) if outputs.size > 1 else None
     back = None
     for end in after:  # windows ending at each output after the failure
-        if end - window >= t_fail and _rate(t1, tok, end - window, end) >= 0.95 * before_rate:
+        if end - window >= t_fail and _rate(t1, tokens, end - window, end) >= 0.95 * before_rate:
             back = float(end - t_fail)
             break
     settle = t_fail + 1.0  # rate after the failure, once recovered (and before any replacement joins)
-    stop = min([t for t in admitted_t if t > settle] + [t_end])
-    after_rate = _rate(t1, tok, settle, stop) if stop - settle > window else None
+    stop = min([t for t in admitted_t if t > settle] + [float(t1[-1])])
+    after_rate = _rate(t1, tokens, settle, stop) if stop - settle > window else None
     rejoin = []
     for t in admitted_t:
         prev, nxt = t1[t1 <= t], t1[t1 > t]
@@ -370,7 +369,7 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_rank: int = 2, fail_step: i
     cmd = _worker_cmd(out, shadow_dir, {"steps": steps if not baseline else 1 << 40, "tokens": tokens,
                                         "slots-per-rank": slots_per_rank, "step-sleep": step_sleep,
                                         "until-full": replace, "after-full": 100 if replace else None,
-                                        "compile": compile, "stop-file": stop_file,
+                                        "compile": compile, "stop-file": stop_file if baseline else None,
                                         "heartbeat-timeout": 0.5 if hang else None})
 
     def status():
@@ -436,8 +435,8 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_rank: int = 2, fail_step: i
         "batches": sorted((x["served_by"], rel(x["t0"]), rel(x["t1"]), x["tokens"]) for x in served),
         "work_dir": work_dir,
     }
-    result.update(serving_metrics([{**x, "t1": rel(x["t1"])} for x in served], rel(t_fail),
-                                  max(rel(x["t1"]) for x in served), nproc, 1,
+    by_time = np.array(sorted((t1, tokens) for _, _, t1, tokens in result["batches"]), dtype=float)
+    result.update(serving_metrics(by_time[:, 0], by_time[:, 1], rel(t_fail), nproc, 1,
                                   sorted({rel(x["t"]) for x in admitted})))
     if baseline:
         result.update(restarts)
@@ -461,7 +460,7 @@ def plot(result: dict, path: str) -> None:
 
     b = np.array(result["batches"], dtype=float)  # rank, t0, t1, tokens
     t_fail = result["fail_time"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), gridspec_kw={"height_ratios": [1, 1]})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7))
     lo, hi = t_fail - 0.4, t_fail + max(0.6, 3 * result["pause_s"])
     for r in sorted(set(b[:, 0].astype(int))):
         mine = b[(b[:, 0] == r) & (b[:, 2] >= lo) & (b[:, 2] <= hi)]
@@ -508,3 +507,4 @@ def plot(result: dict, path: str) -> None:
     bottom.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -446,17 +446,24 @@ def readmit_plan(phy2log, slot_rank, alive, ranks, load, topology: Topology) -> 
     return _finish(new, slot_rank, alive, topology.rank_host, load.shape[0], _copies(current, new, slot_rank, alive, topology))
 
 
+def peer_kind(topology: Topology, src_rank: int, dst_rank: int) -> int:
+    """Source kind of a copy from a replica on ``src_rank`` into a slot on ``dst_rank``."""
+    if src_rank == dst_rank:
+        return SOURCE_LOCAL
+    host = topology.rank_host
+    return SOURCE_PEER_HOST if host[src_rank] == host[dst_rank] else SOURCE_PEER_REMOTE
+
+
 def _copies(old, new, slot_rank, alive, topology: Topology) -> np.ndarray:
     """Rows (slot, expert, source kind, source slot) for every live slot whose expert changes,
     sourced from the cheapest slot that holds the expert in ``old`` (on an alive rank)."""
-    host, cost = topology.rank_host, topology.seconds_per_byte
+    cost = topology.seconds_per_byte
     rows = []
     for s in np.nonzero((new != old) & (new >= 0) & alive[slot_rank])[0]:
         e, r = int(new[s]), int(slot_rank[s])
         best = (SOURCE_SHADOW_MEMORY, -1)
         for s2 in np.nonzero((old == e) & alive[slot_rank])[0]:
-            r2 = int(slot_rank[s2])
-            k = SOURCE_LOCAL if r2 == r else SOURCE_PEER_HOST if host[r2] == host[r] else SOURCE_PEER_REMOTE
+            k = peer_kind(topology, int(slot_rank[s2]), r)
             if cost[k] < cost[best[0]]:
                 best = (k, int(s2))
         rows.append((int(s), e, *best))

@@ -102,12 +102,13 @@ def as_ranks(lost_ranks) -> list[int]:
 
     if isinstance(lost_ranks, (str, bytes)):
         raise TypeError(f"recover: lost_ranks {lost_ranks!r} is a string, not ranks")
-    if isinstance(lost_ranks, torch.Tensor) and lost_ranks.dim() > 0:
-        lost_ranks = list(lost_ranks.flatten())
-    try:  # a 0-d tensor or array has __iter__ but cannot be iterated
-        items = [lost_ranks] if isinstance(lost_ranks, torch.Tensor) else list(lost_ranks)
-    except TypeError:
-        items = [lost_ranks]
+    if isinstance(lost_ranks, torch.Tensor):
+        items = list(lost_ranks.flatten()) if lost_ranks.dim() else [lost_ranks]
+    else:
+        try:  # a 0-d array has __iter__ but cannot be iterated
+            items = list(lost_ranks)
+        except TypeError:
+            items = [lost_ranks]
     return sorted({one(r) for r in items})
 
 
@@ -153,13 +154,6 @@ def remap(layers: dict[str, ResilientMoE], lost: list[int], report: RecoveryRepo
     return uncovered
 
 
-def _peer_kind(topology: planner.Topology, src_rank: int, dst_rank: int) -> int:
-    if src_rank == dst_rank:
-        return planner.SOURCE_LOCAL
-    host = topology.rank_host
-    return planner.SOURCE_PEER_HOST if host[src_rank] == host[dst_rank] else planner.SOURCE_PEER_REMOTE
-
-
 def restore(name: str, layer: ResilientMoE, plan: planner.Plan, uncovered: set[int], report: RecoveryReport, *,
             shadow: ShadowStore | None, shadow_current: bool, step: int | None, local_rank: int | None,
             topology: planner.Topology) -> None:
@@ -174,18 +168,19 @@ def restore(name: str, layer: ResilientMoE, plan: planner.Plan, uncovered: set[i
     need = set(uncovered)
     skipped = []
     for target, expert, kind, src in plan.copies.tolist():
+        from_shadow = kind if kind in _SHADOW_KINDS else planner.SOURCE_SHADOW_MEMORY, -1
         if expert in need:  # coverage: the shadow is the only copy left
             if shadow is None:
                 continue  # reported as uncovered
-            kind, src = (kind if kind in _SHADOW_KINDS else planner.SOURCE_SHADOW_MEMORY), -1
+            kind, src = from_shadow
         else:  # redundancy: never from a source that may disagree with the live replicas
             live = [s for s in p.slots_of(expert) if local_rank is None or owner[s] == owner[target]]
             if kind in _SHADOW_KINDS or src not in live:
                 if shadow is not None and shadow_current:
-                    kind, src = planner.SOURCE_SHADOW_MEMORY if kind not in _SHADOW_KINDS else kind, -1
+                    kind, src = from_shadow
                 elif live:
                     src = min(live, key=lambda s: (owner[s] != owner[target], s))
-                    kind = _peer_kind(topology, owner[src], owner[target])
+                    kind = planner.peer_kind(topology, owner[src], owner[target])
                 else:
                     skipped.append(expert)
                     continue

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
@@ -46,6 +47,11 @@ FORMAT = "moe_resilient.shadow/1"
 MANIFEST = "manifest.json"
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}
+
+
+def _dtype_name(code: str) -> str:
+    """A safetensors dtype code as torch names it without the prefix ("BF16" -> "bfloat16")."""
+    return str(_DTYPES[code]).removeprefix("torch.")
 
 
 class ShadowStoreError(RuntimeError):
@@ -78,8 +84,6 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 def checksum(t: torch.Tensor) -> str:
     """The shadow store's checksum of a contiguous CPU tensor's bytes (csrc/cpu/checksum.cpp), as hex."""
-    from moe_resilient import ops  # noqa: F401  (registers torch.ops.moe_resilient)
-
     return f"{torch.ops.moe_resilient.checksum(_bytes(t.contiguous())) & (2**64 - 1):016x}"
 
 
@@ -150,10 +154,7 @@ class MappedSafetensors:
                 begin, end = info["data_offsets"]
                 if info["dtype"] not in _DTYPES or not 0 <= begin <= end <= size - self._data:
                     raise ValueError(f"tensor {key!r} lies outside the file or has an unknown dtype")
-                count = 1
-                for d in info["shape"]:
-                    count *= d
-                if (end - begin) != count * _DTYPES[info["dtype"]].itemsize:
+                if (end - begin) != math.prod(info["shape"]) * _DTYPES[info["dtype"]].itemsize:
                     raise ValueError(f"tensor {key!r} has {end - begin} bytes for shape {info['shape']}")
         except FileNotFoundError:
             raise ShadowStoreError(f"{path}: missing") from None
@@ -302,7 +303,7 @@ class ShadowStore:
         out = {}
         for name, (E, s13, s2, dt, fmap, keys, layout) in entries.items():
             name = prefix_map.get(name, name)
-            dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dt, dt.lower())
+            dtype = _dtype_name(dt)
             out[name] = _LayerEntry(name, E, s13, s2, dtype, fingerprint(name, E, s13, s2, dtype), 0, fmap, keys,
                                     layout)
         store = cls(checkpoint_dir, out)
@@ -331,8 +332,7 @@ class ShadowStore:
                     if list(shape) != want:
                         raise ShadowStoreError(f"{path}: tensor {key!r} has shape {list(shape)}, expected {want}")
                 dtype = h.dtype_name(key)
-                want_dt = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(entry.dtype, entry.dtype)
-                if dtype != want_dt:
+                if _dtype_name(dtype) != entry.dtype:
                     raise ShadowStoreError(f"{path}: tensor {key!r} has dtype {dtype}, expected {entry.dtype}")
                 if "checksums" in h.metadata:
                     entry.checksums[role] = self._read_checksums(h, role, entry.num_experts)
@@ -393,23 +393,26 @@ class ShadowStore:
         except Exception as exc:
             raise ShadowStoreError(f"{entry.files['w13']}: reading expert {expert} of {layer_name!r} failed ({exc})") from None
 
-    @staticmethod
-    def _verify(role: str, file: str, layer_name: str, expert: int, stored: str | None, read: str) -> None:
-        if stored is not None and stored != read:
-            raise ShadowStoreError(f"{file}: tensor {role!r}, expert {expert} of layer {layer_name!r} fails its "
-                                   f"checksum (stored {stored}, read {read}): the file is corrupt")
+    def _copy_verified(self, layer_name: str, expert: int, sources, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Copy one expert's ``sources`` (from ``_sources``) into ``w13`` [2I, H] and ``w2`` [H, I]
+        (contiguous), checking each row's checksum in the same pass."""
+        gate_rows = sources[0][1].shape[0]
+        dsts = [w13, w2] if len(sources) == 2 else [w13[:gate_rows], w13[gate_rows:], w2]
+        for (role, view, stored, file), dst in zip(sources, dsts):
+            if view.shape != dst.shape:
+                raise ShadowStoreError(f"{file}: expert {expert} of {layer_name!r} has the wrong shape")
+            read = _copy_checksum(view, dst)
+            if stored is not None and stored != read:
+                raise ShadowStoreError(f"{file}: tensor {role!r}, expert {expert} of layer {layer_name!r} fails its "
+                                       f"checksum (stored {stored}, read {read}): the file is corrupt")
 
     def read_expert(self, layer_name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [2I, H], w2 [H, I]) of one logical expert: copies out of the memory map, checksums verified."""
         entry = self._entry(layer_name)
-        parts = []
-        for role, view, stored, file in self._sources(layer_name, expert):
-            out = torch.empty_like(view)
-            self._verify(role, file, layer_name, expert, stored, _copy_checksum(view, out))
-            parts.append(out)
-        w13, w2 = (parts[0], parts[1]) if entry.layout == "stacked" else (torch.cat(parts[:2]), parts[2])
-        if tuple(w13.shape) != tuple(entry.w13_shape) or tuple(w2.shape) != tuple(entry.w2_shape):
-            raise ShadowStoreError(f"{entry.files['w13']}: expert {expert} of {layer_name!r} has the wrong shape")
+        sources = self._sources(layer_name, expert)
+        dtype = getattr(torch, entry.dtype)
+        w13, w2 = torch.empty(entry.w13_shape, dtype=dtype), torch.empty(entry.w2_shape, dtype=dtype)
+        self._copy_verified(layer_name, expert, sources, w13, w2)
         return w13, w2
 
     def restore(self, layer: ResilientMoE, layer_name: str, expert: int, slot: int) -> int:
@@ -427,14 +430,7 @@ class ShadowStore:
             if view.dtype != layer.experts.w13.dtype:
                 raise ShadowStoreError(f"{file}: dtype {view.dtype} does not match layer {layer_name!r} "
                                        f"({layer.experts.w13.dtype})")
-
-        def write(w13: torch.Tensor, w2: torch.Tensor) -> None:
-            gate_rows = sources[0][1].shape[0]
-            dsts = [w13, w2] if entry.layout == "stacked" else [w13[:gate_rows], w13[gate_rows:], w2]
-            for (role, view, stored, file), dst in zip(sources, dsts):
-                self._verify(role, file, layer_name, expert, stored, _copy_checksum(view, dst))
-
-        layer.write_expert(expert, slot, write)
+        layer.write_expert(expert, slot, lambda w13, w2: self._copy_verified(layer_name, expert, sources, w13, w2))
         return sum(view.numel() for _, view, _, _ in sources) * layer.experts.w13.element_size()
 
     # ----------------------------------------------------------------------------------- training
