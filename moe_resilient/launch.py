@@ -1,5 +1,5 @@
 """Launcher that survives its workers: hosts the TCPStore and the liveness board, spawns ranks with a
-torchrun-compatible environment, tells the group when a rank exits (``dead/{r}``), never kills
+torchrun-compatible environment, tells the group when a rank exits (``dead/{r}/{incarnation}``), never kills
 survivors, and with ``respawn`` starts a replacement that rejoins by itself.
 
 torchrun, by contrast, restarts the whole local worker group when a local worker exits non-zero;
@@ -105,7 +105,8 @@ class Launcher:
             rc = proc.returncode
             self.exits.append((rank, rc, time.time()))
             if rc != 0:
-                self.store.set(f"{STORE_PREFIX}dead/{rank}", "1")
+                incarnation = self.store.add(f"{STORE_PREFIX}inc/{rank}", 0)  # the one that died
+                self.store.set(f"{STORE_PREFIX}dead/{rank}/{incarnation}", "1")
                 if self.respawn and self.respawned < self.max_respawns and not self._closing:
                     self.respawned += 1
                     self._spawn(rank)
