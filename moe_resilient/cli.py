@@ -79,6 +79,18 @@ def launch(nproc, respawn, timeout, script, args):
 
 
 @main.command()
+@click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on")
+@click.option("--port", default=29600, show_default=True)
+def store(host, port):
+    """Host the group's control store in this process, outside every worker node (as TorchFT hosts its
+    lighthouse), so that losing any node leaves the others serving. Workers find it through
+    MOE_RESILIENT_STORE=host:port. Runs until killed."""
+    from moe_resilient.launch import serve_store
+
+    serve_store(host, port, echo=click.echo)
+
+
+@main.command()
 @click.option("--nproc", default=4, show_default=True)
 @click.option("--steps", default=300, show_default=True)
 @click.option("--tokens", default=32, show_default=True, help="tokens per rank per step")

@@ -99,7 +99,8 @@ def worker(args) -> int:
             model.ep(make_batch(0, rank, args.tokens), Loopback(world), compiled=args.compile)
         emit(step=0, batch_of=rank, served_by=rank, gen=0, t0=t0, t1=time.time(), tokens=args.tokens)
         return 0
-    group = ElasticGroup.from_env(timeout=args.collective_timeout, heartbeat_timeout=args.heartbeat_timeout).start()
+    timing = {"heartbeat_timeout": args.heartbeat_timeout} if args.heartbeat_timeout else {}
+    group = ElasticGroup.from_env(timeout=args.collective_timeout, **timing).start()
     step = 0
     if group.joined:  # a replacement: the members run the same readmission after their step boundary
         step, joiners = readmit_across_ranks(model, group, shadow, 0)
@@ -188,7 +189,7 @@ def worker_args(argv=None):
     ap.add_argument("--slots-per-rank", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--collective-timeout", type=float, default=10.0, help="wait on live but absent peers")
-    ap.add_argument("--heartbeat-timeout", type=float, default=1.0)
+    ap.add_argument("--heartbeat-timeout", type=float, help="default: ElasticGroup's")
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--save-outputs", action="store_true")
     ap.add_argument("--restart", action="store_true")
@@ -370,7 +371,7 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_rank: int = 2, fail_step: i
                                         "slots-per-rank": slots_per_rank, "step-sleep": step_sleep,
                                         "until-full": replace, "after-full": 100 if replace else None,
                                         "compile": compile, "stop-file": stop_file if baseline else None,
-                                        "heartbeat-timeout": 0.5 if hang else None})
+                                        })
 
     def status():
         done = {r: sum("batch_of" in x for x in recs) for r, recs in _read(out, nproc).items()}

@@ -158,3 +158,13 @@ def launch_main(nproc: int, script: str, args: list[str], respawn: bool, timeout
     for rank, rc, _ in launcher.exits:
         print(f"rank {rank} exited with {rc}", file=sys.stderr)
     return 0 if all(rc == 0 for rc in codes.values()) else 1
+
+
+def serve_store(host: str, port: int, echo=print) -> None:
+    """``moe-resilient store``: a TCPStore server for ElasticGroup (MOE_RESILIENT_STORE=host:port),
+    until this process is killed."""
+    store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(60))
+    echo(f"moe_resilient store listening on {host}:{store.port}")
+    sys.stdout.flush()
+    while True:
+        time.sleep(3600)

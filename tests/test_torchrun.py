@@ -2,7 +2,11 @@
 
 - a local worker crash makes torchrun restart the whole local worker group (survivors included);
 - a node that vanishes from a two-node job does not fail the other node's workers: their
-  ElasticGroup (store in node 0's agent) excludes the lost ranks and they carry on serving.
+  ElasticGroup (store in node 0's agent) excludes the lost ranks and they carry on serving;
+- with restarts on, the restarted workers are new incarnations of the old rank ids: admitted as
+  replacements once their predecessors are agreed away;
+- with the store in its own process (``moe-resilient store``), losing node 0, whose agent hosts
+  torchrun's own store, leaves node 1 serving (with the store in node 0's agent, node 1 dies too).
 """
 
 import json
@@ -17,6 +21,7 @@ import pytest
 
 from moe_resilient.drill import DrillModel, read_records
 from moe_resilient.shadow import ShadowStore
+from test_faults import check_outputs
 
 HERE = os.path.dirname(__file__)
 
@@ -122,3 +127,93 @@ def test_lost_node_does_not_stop_the_other_node(tmp_path):
         failures = [r for r in recs if r.get("event") == "failure"]
         assert len(failures) == 1 and failures[0]["lost"] == [2, 3], failures
         assert max(r["step"] for r in recs if "batch_of" in r) == 399  # carried on to the end
+
+
+def _two_nodes(tmp_path, steps, extra_worker=(), extra_torchrun=(), env=None):
+    out, shadow = tmp_path / "out", tmp_path / "shadow"
+    out.mkdir()
+    ShadowStore.export(DrillModel(4, 4), str(shadow))
+    worker = ["-m", "moe_resilient.drill", "--out-dir", str(out), "--shadow", str(shadow), "--steps", str(steps),
+              "--tokens", "16", "--slots-per-rank", "4", "--step-sleep", "0.01", "--save-outputs", *extra_worker]
+    common = ["--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+              str(_free_port()), *extra_torchrun]
+    nodes = [_torchrun(*common, "--node-rank", str(n), *worker, env=env) for n in (0, 1)]
+    return nodes, out
+
+
+def _wait_serving(out, rank, steps=5):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if sum("batch_of" in r for r in read_records(out / f"rank{rank}.jsonl")) >= steps:
+            return
+        time.sleep(0.05)
+    pytest.fail("the two-node job did not start serving")
+
+
+def _rank_pid(agent_pid, rank):
+    """The PID of torchrun's worker with global ``rank`` (read from its environment)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid in _children(agent_pid):
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return pid
+        time.sleep(0.05)
+    raise TimeoutError(f"no worker of rank {rank} under agent {agent_pid}")
+
+
+def test_restarted_workers_are_new_incarnations_admitted_back(tmp_path):
+    """--max-restarts 1: a worker of node 1 is SIGKILLed, torchrun restarts node 1's local group with the
+    same rank ids. Node 0's ranks never die: they agree both predecessors away, admit the new
+    incarnations, and every output equals the single-process model's."""
+    nodes, out = _two_nodes(tmp_path, 30, ["--until-full", "--after-full", "10"], ["--max-restarts", "1"])
+    try:
+        _wait_serving(out, 2)
+        os.kill(_rank_pid(nodes[1].pid, 2), signal.SIGKILL)
+        for node in nodes:
+            node.wait(timeout=240)
+    finally:
+        _reap(nodes)
+    assert [n.returncode for n in nodes] == [0, 0], nodes[1].stdout.read().decode()[-3000:]
+    for rank in (0, 1):
+        recs = read_records(out / f"rank{rank}.jsonl")
+        assert sorted(r for f in recs if f.get("event") == "failure" for r in f["lost"]) == [2, 3]
+        assert sorted(r for a in recs if a.get("event") == "admitted" for r in a["ranks"]) == [2, 3]
+        assert set(range(30)) <= {r["step"] for r in recs if r.get("batch_of") == rank}
+    assert check_outputs(out, DrillModel(4, 4).eval()) >= 2 * 30
+
+
+def test_store_outside_the_nodes_survives_node_0(tmp_path):
+    """--max-restarts 0 and the store in its own process: SIGKILL node 0's rank-0 worker; node 0's agent
+    stops its other worker and exits (with torchrun's own store in it). Node 1's ranks agree both away
+    and serve to the end."""
+    port = _free_port()
+    store = subprocess.Popen([sys.executable, "-m", "moe_resilient.cli", "store", "--host", "127.0.0.1", "--port",
+                              str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {**os.environ, "MOE_RESILIENT_STORE": f"127.0.0.1:{port}"}
+    nodes, out = _two_nodes(tmp_path, 300, extra_torchrun=["--max-restarts", "0"], env=env)
+    try:
+        assert b"listening" in store.stdout.readline()
+        _wait_serving(out, 0)
+        os.kill(_rank_pid(nodes[0].pid, 0), signal.SIGKILL)
+        nodes[0].wait(timeout=60)
+        assert nodes[0].returncode != 0  # torchrun failed node 0, its store with it
+
+        def finished(rank):
+            return any(r.get("step") == 299 and "batch_of" in r for r in read_records(out / f"rank{rank}.jsonl"))
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (finished(2) and finished(3)) and nodes[1].poll() is None:
+            time.sleep(0.1)
+    finally:
+        _reap(nodes)
+        store.kill()
+        store.wait()
+    for rank in (2, 3):
+        recs = read_records(out / f"rank{rank}.jsonl")
+        assert [f["lost"] for f in recs if f.get("event") == "failure"] in ([[0, 1]], [[0], [1]]), recs[-3:]
+        assert set(range(300)) <= {r["step"] for r in recs if r.get("batch_of") == rank}
+    assert check_outputs(out, DrillModel(4, 4).eval()) >= 2 * 300
