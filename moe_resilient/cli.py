@@ -94,8 +94,11 @@ def store(host, port):
 @click.option("--nproc", default=4, show_default=True)
 @click.option("--steps", default=300, show_default=True)
 @click.option("--tokens", default=32, show_default=True, help="tokens per rank per step")
-@click.option("--fail-rank", default=2, show_default=True)
-@click.option("--fail-step", default=100, show_default=True)
+@click.option("--fail-rank", default="2", show_default=True, help="rank to fail, or a list: 1,3")
+@click.option("--fail-step", default="100", show_default=True,
+              help="step each rank fails at: one for all, or one per --fail-rank")
+@click.option("--fail-host", type=int, help="fail every rank of this host at once (needs --ranks-per-host)")
+@click.option("--ranks-per-host", type=int, help="ranks per host in the placement topology (default: one host)")
 @click.option("--hang", is_flag=True, help="SIGSTOP (then SIGCONT) instead of SIGKILL")
 @click.option("--replace", is_flag=True, help="start a replacement that rejoins")
 @click.option("--baseline", type=click.Choice(["none", "restart"]), default="none", show_default=True)
@@ -104,15 +107,24 @@ def store(host, port):
               help="PNG: step latency around the failure, throughput over the run")
 @click.option("--compile/--eager", "compile_", default=True, show_default=True,
               help="serve through compiled stages and count recompiles")
-def drill(nproc, steps, tokens, fail_rank, fail_step, hang, replace, baseline, json_path, plot_path, compile_):
-    """Serve a tiny MoE model on NPROC ranks, fail one mid-stream, measure the interruption."""
+def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host, hang, replace, baseline, json_path,
+          plot_path, compile_):
+    """Serve a tiny MoE model on NPROC ranks, fail ranks mid-stream, measure the interruption."""
     import json
 
     from moe_resilient.drill import plot, run_drill
 
+    def ints(text, option):
+        try:
+            return [int(v) for v in text.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a comma-separated list of integers",
+                                     param_hint=option) from None
+
     try:
-        result = run_drill(nproc, steps, fail_rank, fail_step, hang=hang, replace=replace,
-                           baseline=baseline == "restart", tokens=tokens, compile=compile_, echo=click.echo)
+        result = run_drill(nproc, steps, ints(fail_rank, "--fail-rank"), ints(fail_step, "--fail-step"), hang=hang,
+                           replace=replace, baseline=baseline == "restart", tokens=tokens, compile=compile_,
+                           fail_host=fail_host, ranks_per_host=ranks_per_host, echo=click.echo)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     ms = lambda v: "n/a" if v is None else f"{v * 1e3:.1f} ms"  # noqa: E731

@@ -37,10 +37,10 @@ HIDDEN, INTER, EXPERTS, TOP_K, LAYERS = 64, 128, 8, 2, 2
 class DrillModel(nn.Module):
     """x [T, H] -> [T, H]: LAYERS pre-norm residual MoE blocks (the MoE half of a transformer)."""
 
-    def __init__(self, world_size: int, slots_per_rank: int, seed: int = 0):
+    def __init__(self, world_size: int, slots_per_rank: int, seed: int = 0, ranks_per_host: int | None = None):
         super().__init__()
         torch.manual_seed(seed)
-        topo = planner.Topology(world_size, world_size)
+        topo = planner.Topology(world_size, ranks_per_host or world_size)
         plan, slot_rank = planner.initial_placement(np.ones(EXPERTS), topo, slots_per_rank)
         cfg = MoEConfig(HIDDEN, INTER, EXPERTS, TOP_K, num_slots=world_size * slots_per_rank, world_size=world_size)
         self.norms = nn.ModuleList(nn.RMSNorm(HIDDEN) for _ in range(LAYERS))
@@ -80,7 +80,7 @@ def worker(args) -> int:
         log.write(json.dumps(rec) + "\n")
 
     world = args.alone_of or int(os.environ["WORLD_SIZE"])
-    model = DrillModel(world, args.slots_per_rank, args.seed).eval()
+    model = DrillModel(world, args.slots_per_rank, args.seed, args.ranks_per_host).eval()
     shadow = ShadowStore.open(args.shadow)
     if args.restart:  # baseline: weights from safetensors (then compiled below, as every rank is)
         for name, layer in resilient_layers(model).items():
@@ -143,7 +143,8 @@ def worker(args) -> int:
                     os.kill(os.getpid(), signal.SIGKILL)
                 lost, report = recover_across_ranks(model, failure.lost_ranks, group, step=step, shadow=shadow,
                                                      shadow_current=True,  # serving: weights never change
-                                                     topology=planner.Topology(group.world_size, group.world_size))
+                                                     topology=planner.Topology(group.world_size,
+                                                                               args.ranks_per_host or group.world_size))
                 emit(event="failure", step=step, lost=lost, t_detect=t_detect, t_agreed=t_agreed,
                      t_recovered=time.time(), graphs=graphs, gen=group.generation,
                      recovery=report.summary(), uncovered=report.uncovered,
@@ -188,6 +189,7 @@ def worker_args(argv=None):
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--slots-per-rank", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ranks-per-host", type=int, help="placement topology (default: one host)")
     ap.add_argument("--collective-timeout", type=float, default=10.0, help="wait on live but absent peers")
     ap.add_argument("--heartbeat-timeout", type=float, help="default: ElasticGroup's")
     ap.add_argument("--step-sleep", type=float, default=0.0)
@@ -283,21 +285,49 @@ def _graphs_after_failure(recs: list[dict]) -> int:
     return counts[-1] - counts[0] if counts else 0
 
 
-def default_slots_per_rank(nproc: int) -> int:
-    """Enough slots that the survivors of one lost rank can hold every expert, and at least 3."""
-    return max(3, -(-EXPERTS // max(nproc - 1, 1)))
+def default_slots_per_rank(nproc: int, lost: int = 1) -> int:
+    """Enough slots that the survivors of ``lost`` ranks can hold every expert, and at least 3."""
+    return max(3, -(-EXPERTS // max(nproc - lost, 1)))
 
 
-def check_drill_args(nproc: int, steps: int, fail_rank: int, fail_step: int, slots_per_rank: int) -> None:
-    """ValueError naming the bad argument; nothing is started."""
+def plan_faults(nproc: int, steps: int, fail_ranks, fail_steps, fail_host: int | None = None,
+                ranks_per_host: int | None = None) -> list[tuple[int, int]]:
+    """(rank, step) of each fault, by step: ``fail_ranks`` each at its own step in ``fail_steps`` (or all at
+    one), or with ``fail_host`` every rank of that host at ``fail_steps[0]``. ValueError naming the bad
+    argument."""
     if nproc < 2:
         raise ValueError(f"--nproc {nproc}: a drill needs at least 2 ranks (one to fail, one to survive)")
-    if not 0 <= fail_rank < nproc:
-        raise ValueError(f"--fail-rank {fail_rank}: ranks are 0..{nproc - 1}")
-    if not 0 <= fail_step < steps:
-        raise ValueError(f"--fail-step {fail_step}: it must lie in [0, --steps {steps})")
-    if slots_per_rank * (nproc - 1) < EXPERTS:
-        raise ValueError(f"{slots_per_rank} slots per rank: {nproc - 1} survivors cannot hold {EXPERTS} experts")
+    fail_steps = list(fail_steps)
+    if fail_host is not None:
+        per_host = ranks_per_host or 0
+        if per_host < 1 or nproc % per_host:
+            raise ValueError(f"--fail-host needs --ranks-per-host dividing --nproc {nproc}, got {ranks_per_host}")
+        if not 0 <= fail_host < nproc // per_host:
+            raise ValueError(f"--fail-host {fail_host}: hosts are 0..{nproc // per_host - 1}")
+        fail_ranks = list(range(fail_host * per_host, (fail_host + 1) * per_host))
+        fail_steps = fail_steps[:1]
+    fail_ranks = list(fail_ranks)
+    if len(fail_steps) == 1:
+        fail_steps *= len(fail_ranks)
+    if len(fail_steps) != len(fail_ranks):
+        raise ValueError(f"--fail-step names {len(fail_steps)} steps for {len(fail_ranks)} ranks: give one, or one "
+                         "per rank")
+    for r in fail_ranks:
+        if not 0 <= r < nproc:
+            raise ValueError(f"--fail-rank {r}: ranks are 0..{nproc - 1}")
+    if len(set(fail_ranks)) != len(fail_ranks):
+        raise ValueError(f"--fail-rank {fail_ranks}: a rank can fail once")
+    if len(fail_ranks) >= nproc:
+        raise ValueError(f"--fail-rank {fail_ranks}: at least one of the {nproc} ranks must survive")
+    for s in fail_steps:
+        if not 0 <= s < steps:
+            raise ValueError(f"--fail-step {s}: it must lie in [0, --steps {steps})")
+    return sorted(zip(fail_ranks, fail_steps), key=lambda f: (f[1], f[0]))
+
+
+def check_slots(nproc: int, lost: int, slots_per_rank: int) -> None:
+    if slots_per_rank * (nproc - lost) < EXPERTS:
+        raise ValueError(f"{slots_per_rank} slots per rank: {nproc - lost} survivors cannot hold {EXPERTS} experts")
 
 
 def _rate(times: np.ndarray, tokens: np.ndarray, start: float, end: float) -> float:
@@ -340,18 +370,22 @@ def serving_metrics(t1: np.ndarray, tokens: np.ndarray, t_fail: float, nproc: in
     }
 
 
-def run_drill(nproc: int = 4, steps: int = 300, fail_rank: int = 2, fail_step: int = 100, hang: bool = False,
+def run_drill(nproc: int = 4, steps: int = 300, fail_ranks=(2,), fail_steps=(100,), hang: bool = False,
               replace: bool = False, baseline: bool = False, tokens: int = 32, slots_per_rank: int | None = None,
-              step_sleep: float = 0.0, compile: bool = True, work_dir: str | None = None, echo=print) -> dict:
-    """Serve, fail a rank at ``fail_step``, keep serving; returns the measurements (see README).
-    ``compile``: the ranks serve through compiled stages and the drill counts their recompiles.
-    Bad arguments raise ValueError before anything starts."""
+              step_sleep: float = 0.0, compile: bool = True, fail_host: int | None = None,
+              ranks_per_host: int | None = None, work_dir: str | None = None, echo=print) -> dict:
+    """Serve, fail ranks (each of ``fail_ranks`` once its step count reaches its ``fail_steps``, or
+    every rank of ``fail_host``), keep serving; returns the measurements (see README), timed from the
+    first fault. ``compile``: the ranks serve through compiled stages and the drill counts their
+    recompiles. Bad arguments raise ValueError before anything starts."""
     import tempfile
 
     from moe_resilient.launch import Launcher
 
-    slots_per_rank = slots_per_rank or default_slots_per_rank(nproc)
-    check_drill_args(nproc, steps, fail_rank, fail_step, slots_per_rank)
+    faults = plan_faults(nproc, steps, fail_ranks, fail_steps, fail_host, ranks_per_host)
+    failed = sorted(r for r, _ in faults)
+    slots_per_rank = slots_per_rank or default_slots_per_rank(nproc, len(failed))
+    check_slots(nproc, len(failed), slots_per_rank)
     work_dir = work_dir or tempfile.mkdtemp(prefix="moe-drill-")
     out, shadow_dir = os.path.join(work_dir, "elastic"), os.path.join(work_dir, "shadow")
     os.makedirs(out, exist_ok=True)
@@ -371,25 +405,31 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_rank: int = 2, fail_step: i
                                         "slots-per-rank": slots_per_rank, "step-sleep": step_sleep,
                                         "until-full": replace, "after-full": 100 if replace else None,
                                         "compile": compile, "stop-file": stop_file if baseline else None,
-                                        })
+                                        "ranks-per-host": ranks_per_host})
 
     def status():
         done = {r: sum("batch_of" in x for x in recs) for r, recs in _read(out, nproc).items()}
         return "  serving: " + "  ".join(f"rank{r} {n:3d}" + ("" if baseline else f"/{steps}") for r, n in done.items())
 
+    survivors = [r for r in range(nproc) if r not in failed]
+    kill_times = {}
+    signal_name = "SIGSTOP" if hang else "SIGKILL"
     with Launcher(nproc, cmd, respawn=replace, env=WORKER_ENV, log_dir=os.path.join(out, "logs")) as launcher:
-        _wait(lambda: sum("batch_of" in x for x in _read(out, nproc)[fail_rank]) >= fail_step, 300,
-              f"rank {fail_rank} to serve {fail_step} steps", echo, status)
-        t_fail = launcher.kill(fail_rank, signal.SIGSTOP if hang else signal.SIGKILL)
-        echo(f"{'SIGSTOP' if hang else 'SIGKILL'} rank {fail_rank} once it had served {fail_step}+ steps")
-        survivors = [r for r in range(nproc) if r != fail_rank]
+        for rank, step in faults:
+            _wait(lambda: sum("batch_of" in x for x in _read(out, nproc)[rank]) >= step, 300,
+                  f"rank {rank} to serve {step} steps", echo, status)
+            kill_times[rank] = launcher.kill(rank, signal.SIGSTOP if hang else signal.SIGKILL)
+            echo(f"{signal_name} rank {rank} once it had served {step}+ steps")
+        t_fail = min(kill_times.values())
 
-        def recovered():  # the launcher's watcher thread has already posted the death notice
-            return all(any(x.get("event") == "failure" for x in _read(out, nproc)[r]) for r in survivors)
+        def recovered():  # every survivor has agreed every failed rank away
+            return all(set(failed) <= {r for x in _read(out, nproc)[s] if x.get("event") == "failure" for r in x["lost"]}
+                       for s in survivors)
 
         _wait(recovered, 120, "survivors to recover", echo, status)
-        if hang:  # the stale rank wakes up and must find itself fenced
-            launcher.kill(fail_rank, signal.SIGCONT)
+        if hang:  # the stale ranks wake up and must find themselves fenced
+            for rank in failed:
+                launcher.kill(rank, signal.SIGCONT)
         if baseline:  # serve past the moment the restart would have been back, then stop all alike
             span = t_fail + min(restarts["restart_warm_s"], restarts["restart_one_rank_s"]) + 1.5
             _wait(lambda: time.time() > span, 600, "the restart's span to pass", echo, status)
@@ -399,25 +439,26 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_rank: int = 2, fail_step: i
             os.replace(stop_file + ".tmp", stop_file)
         _wait(lambda: not launcher.running(), 600, "the ranks to finish", echo, status)
         codes = launcher.wait(60)
-        reaped = [t for r, _, t in launcher.exits if r == fail_rank]
+        reaped = [t for r, _, t in launcher.exits if r in failed]
     recs = _read(out, nproc)
     failures = [x for r in survivors for x in recs[r] if x.get("event") == "failure"]
     served = [x for rs in recs.values() for x in rs if "batch_of" in x]
     before = [x["t1"] for x in served if x["t1"] < t_fail]
     after = [x["t1"] for x in served if x["t0"] > t_fail]
-    lost_step = min(f["step"] for f in failures)
+    lost_at = {r: min(f["step"] for f in failures if r in f["lost"]) for r in failed}  # >= its fail step
     steps = max(x["step"] for x in served) + 1 if baseline else steps
-    expected = {(s, b) for s in range(steps) for b in range(nproc) if b != fail_rank or s <= lost_step}
+    expected = {(s, b) for s in range(steps) for b in range(nproc) if b not in lost_at or s <= lost_at[b]}
     got = {(x["step"], x["batch_of"]) for x in served}
     t_start = min(x["t0"] for x in served)
     admitted = [x for r in range(nproc) for x in recs[r] if x.get("event") == "admitted"]
     rel = lambda t: t - t_start  # noqa: E731
     result = {
-        "nproc": nproc, "steps": steps, "tokens_per_batch": tokens, "failed_rank": fail_rank,
-        "failure": "hang (SIGSTOP)" if hang else "crash (SIGKILL)", "fail_time": rel(t_fail),
-        "failure_step": lost_step,  # the step the survivors found the rank gone: >= fail_step, timing decides
+        "nproc": nproc, "steps": steps, "tokens_per_batch": tokens, "failed_ranks": failed,
+        "failure": f"hang ({signal_name})" if hang else f"crash ({signal_name})", "fail_time": rel(t_fail),
+        "faults": [{"rank": r, "step": s, "time": rel(kill_times[r]), "lost_at_step": lost_at[r]} for r, s in faults],
+        "failure_step": min(lost_at.values()),  # the step the survivors found the first rank gone
         "detection_latency_s": min(f["t_detect"] for f in failures) - t_fail,
-        "death_notice_s": reaped[0] - t_fail if reaped and not hang else None,  # kill -> launcher reaped it
+        "death_notice_s": min(reaped) - t_fail if reaped and not hang else None,  # kill -> launcher reaped it
         "agreement_s": max(f["t_agreed"] - f["t_detect"] for f in failures),
         "recovery_s": max(f["t_recovered"] - f["t_agreed"] for f in failures),
         "pause_s": min(after) - max(before),
@@ -437,7 +478,7 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_rank: int = 2, fail_step: i
         "work_dir": work_dir,
     }
     by_time = np.array(sorted((t1, tokens) for _, _, t1, tokens in result["batches"]), dtype=float)
-    result.update(serving_metrics(by_time[:, 0], by_time[:, 1], rel(t_fail), nproc, 1,
+    result.update(serving_metrics(by_time[:, 0], by_time[:, 1], rel(t_fail), nproc, len(failed),
                                   sorted({rel(x["t"]) for x in admitted})))
     if baseline:
         result.update(restarts)
@@ -479,7 +520,7 @@ def plot(result: dict, path: str) -> None:
     top.set_xlabel("time since start (s)")
     top.set_ylabel("step latency (ms)")
     stall = result.get("stall_s")
-    top.set_title(f"{result['failure']} of rank {result['failed_rank']} ({result['nproc']} ranks): detection "
+    top.set_title(f"{result['failure']} of ranks {result['failed_ranks']} ({result['nproc']} ranks): detection "
                   f"{result['detection_latency_s'] * 1e3:.1f} ms, pause {result['pause_s'] * 1e3:.0f} ms"
                   + (f", longest gap between outputs {stall * 1e3:.0f} ms" if stall else ""))
     top.legend(loc="upper right", fontsize=8, ncol=2)

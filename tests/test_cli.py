@@ -60,6 +60,12 @@ def test_drill_writes_json_and_plot(tmp_path):
     (["--fail-rank", "4"], "--fail-rank 4: ranks are 0..3"),
     (["--fail-step", "30", "--steps", "10"], r"--fail-step 30: it must lie in \[0, --steps 10\)"),
     (["--nproc", "1"], "--nproc 1: a drill needs at least 2 ranks"),
+    (["--fail-rank", "1,x"], "'1,x' is not a comma-separated list of integers"),
+    (["--fail-rank", "1,3", "--fail-step", "5,6,7"], "--fail-step names 3 steps for 2 ranks"),
+    (["--fail-rank", "1,1"], r"--fail-rank \[1, 1\]: a rank can fail once"),
+    (["--fail-rank", "0,1,2,3"], "at least one of the 4 ranks must survive"),
+    (["--fail-host", "0"], "--fail-host needs --ranks-per-host dividing --nproc 4"),
+    (["--fail-host", "2", "--ranks-per-host", "2"], r"--fail-host 2: hosts are 0..1"),
 ])
 def test_drill_refuses_bad_arguments_at_once(args, message):
     proc = subprocess.run([sys.executable, "-m", "moe_resilient.cli", "drill", *args], capture_output=True, text=True,
@@ -121,3 +127,20 @@ def test_demo_names_a_missing_device():
         pytest.skip("this machine has a CUDA device")
     result = _demo("--device", "cuda")
     assert result.exit_code == 2 and "no CUDA device here" in result.output
+
+
+@pytest.mark.parametrize("args, failed", [
+    (["--fail-rank", "1,3", "--fail-step", "4,8"], [1, 3]),
+    (["--fail-host", "1", "--ranks-per-host", "2", "--fail-step", "4"], [2, 3]),
+], ids=["two-ranks-own-steps", "whole-host"])
+def test_drill_fails_several_ranks_or_a_host(tmp_path, args, failed):
+    out_json = tmp_path / "drill.json"
+    proc = subprocess.run([sys.executable, "-m", "moe_resilient.cli", "drill", "--steps", "16", "--eager", "--json",
+                           str(out_json), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out_json.read_text())
+    assert result["failed_ranks"] == failed and result["lost_batches"] == []
+    assert [f["rank"] for f in result["faults"]] == failed
+    assert all(f["lost_at_step"] >= f["step"] for f in result["faults"])
+    assert result["exit_codes"] == {str(r): -9 if r in failed else 0 for r in range(4)}
+    assert result["capacity_retained"] == 0.5
