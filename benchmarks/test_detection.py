@@ -87,3 +87,46 @@ def test_teardown_with_huge_pages(benchmark, tunables):
     _, sock = _median_kills(benchmark, 1000, {"GLIBC_TUNABLES": tunables})
     benchmark.extra_info.update(tunables=tunables, mib=1000, socket_ms=sock, kills=KILLS)
     print(f"\n{tunables}: socket {sock:.1f} ms (median of {KILLS} kills, +1000 MiB)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Across hosts there is no liveness board and no launcher's death notice: two torchrun "nodes" on
+# localhost, node 1 lost whole (SIGKILL of agent and workers) or hung (SIGSTOP of its workers). The
+# survivors' first detection after the fault, from the drill worker's records.
+
+NODE_FAULTS = 3
+
+
+def _node_fault(tmp_path, hang: bool) -> float:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from test_torchrun import _children, _kill_tree, _reap, _two_nodes, _wait_serving
+
+    from moe_resilient.drill import read_records
+
+    nodes, out = _two_nodes(tmp_path, 1 << 20)
+    try:
+        _wait_serving(out, 2, steps=20)
+        t_fault = time.time()
+        if hang:
+            for pid in _children(nodes[1].pid):
+                os.kill(pid, signal.SIGSTOP)
+        else:
+            _kill_tree(nodes[1].pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            failures = [x for r in (0, 1) for x in read_records(out / f"rank{r}.jsonl") if x.get("event") == "failure"]
+            if failures:
+                return min(f["t_detect"] for f in failures) - t_fault
+            time.sleep(0.01)
+        raise TimeoutError("node 0 never detected the fault")
+    finally:
+        _reap(nodes)
+
+
+@pytest.mark.parametrize("fault", ["node-sigkill", "node-sigstop"])
+def test_cross_host_detection(benchmark, tmp_path_factory, fault):
+    samples = benchmark.pedantic(lambda: [_node_fault(tmp_path_factory.mktemp(fault), fault == "node-sigstop")
+                                          for _ in range(NODE_FAULTS)], rounds=1, iterations=1)
+    ms = sorted(s * 1e3 for s in samples)
+    benchmark.extra_info.update(fault=fault, detection_ms=ms)
+    print(f"\n{fault}: detection {statistics.median(ms):.0f} ms median of {NODE_FAULTS} ({ms})")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import click
-import torch
 
 
 @click.group()

@@ -9,22 +9,17 @@ owns (``slot_rank[s] == rank``; slots must be numbered rank by rank). A step:
 
 Dead ranks own no live slot, so they are sent nothing. A collective that meets a dead or hung rank
 raises RankFailure (the group has already agreed and moved on); the caller runs
-``recover_across_ranks`` and re-runs the step. The all-to-alls are differentiable: the backward of a
+``elastic.recover_across_ranks`` and re-runs the step. The all-to-alls are differentiable: the backward of a
 dispatch is the reverse all-to-all, so the layer trains under expert parallelism too.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from torch import nn
 
-from moe_resilient import planner
-from moe_resilient.group import ElasticGroup, RankFailure
+from moe_resilient.group import ElasticGroup
 from moe_resilient.layer import ResilientMoE
 from moe_resilient.ops import combine
-from moe_resilient.recovery import RecoveryReport, recover
-from moe_resilient.shadow import ShadowStore, resilient_layers
 
 
 class _AllToAll(torch.autograd.Function):
@@ -125,115 +120,6 @@ def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticG
     if compiled:
         _rows(topk_weights, slot_ids, order, sent, y_back)  # order: sent is a view of it
     return combine_back(layer, x, topk_weights, slot_ids, sent, y_back).reshape(hidden_states.shape)
-
-
-class PlacementMismatchError(RuntimeError):
-    """Ranks disagree on a layer's placement: routing would send tokens to the wrong slots."""
-
-
-# Checksums stay below 2**26, so sums of their squares over any group are exact in float64.
-_CHECKSUM_PRIME = 67_108_859
-
-
-def _placement_checksums(layers: dict[str, ResilientMoE]) -> list[int]:
-    """One polynomial hash per layer of its phy2log and active tensors."""
-    sums = []
-    for layer in layers.values():
-        h = 0
-        for v in layer.placement.phy2log.tolist() + layer.placement.active.long().tolist():
-            h = (h * 1_000_003 + v + 2) % _CHECKSUM_PRIME
-        sums.append(h)
-    return sums
-
-
-def _all_reduce_checked(layers: dict[str, ResilientMoE], group: ElasticGroup, payload: torch.Tensor) -> torch.Tensor:
-    """Sum ``payload`` (float64 [P]) over the members and compare every layer's placement in the same
-    all-reduce: the members agree iff the sums of c and of c**2 are n*c and n*c**2 for this rank's
-    checksum c (their variance is then zero), which every rank sees alike. Returns the summed payload."""
-    sums = _placement_checksums(layers)
-    terms = torch.tensor(sums + [c * c for c in sums], dtype=torch.float64)
-    total = group.all_reduce(torch.cat([payload.double(), terms]))
-    n, k, p = len(group.members), len(sums), payload.numel()
-    bad = [name for i, name in enumerate(layers)
-           if total[p + i] != n * sums[i] or total[p + k + i] != n * sums[i] ** 2]
-    if bad:
-        raise PlacementMismatchError(f"ranks disagree on the placement of layers {bad}")
-    return total[:p]
-
-
-def check_placement_consistent(layers: dict[str, ResilientMoE], group: ElasticGroup) -> None:
-    """Compare every layer's placement across ranks (one all-reduce of checksums)."""
-    _all_reduce_checked(layers, group, torch.zeros(0))
-
-
-def recover_across_ranks(model: nn.Module, lost_ranks, group: ElasticGroup, *, step: int | None = None,
-                         **recover_kwargs) -> tuple[list[int], RecoveryReport]:
-    """After a RankFailure under expert parallelism, on every survivor: one all-reduce sums the
-    layers' load counters over the survivors (so the plan is load-aware and alike on every rank) and
-    checks that all start from the same placement; then ``recover`` (this rank writes only the slots
-    it owns). recover is deterministic in its inputs, so equal inputs give equal placements, and no
-    second collective is needed. A rank lost before the all-reduce completes makes it raise: repair
-    for it too. One lost later is met by the next step. Returns every rank lost on the way and the
-    report. ``step``: the step this rank met the failure in; the same all-reduce gives every
-    survivor's in ``report.member_steps`` (a collective can complete on one member, which had every
-    peer's data, and fail on another, so they can differ by one)."""
-    layers = resilient_layers(model)
-    lost = sorted(lost_ranks)
-    while True:
-        try:
-            local = torch.cat([layer.expert_load for layer in layers.values()])
-            steps = torch.zeros(group.world_size if step is not None else 0)
-            if step is not None:
-                steps[group.rank] = step + 1  # 0: not a member
-            summed = _all_reduce_checked(layers, group, torch.cat([local.double(), steps.double()]))
-            counts = summed[:local.numel()].long()
-            load = dict(zip(layers, counts.split([layer.config.num_experts for layer in layers.values()])))
-            report = recover(model, lost, local_rank=group.rank, load=load, **recover_kwargs)
-            report.member_steps = {r: int(v) - 1 for r, v in enumerate(summed[local.numel():].tolist()) if v > 0}
-            return lost, report
-        except RankFailure as again:
-            lost = sorted(set(lost) | set(again.lost_ranks))
-
-
-def _sync_placement(layers: dict[str, ResilientMoE], group: ElasticGroup, root: int, step: int) -> int:
-    """Broadcast the step counter and every layer's placement (phy2log, active) from global rank
-    ``root`` and adopt it; returns the step."""
-    parts = [torch.tensor([step])]
-    for layer in layers.values():
-        parts += [layer.placement.phy2log, layer.placement.active.long()]
-    buf = group.broadcast(torch.cat(parts), root)
-    sizes = [1] + [n for layer in layers.values() for n in (layer.config.num_slots, group.world_size)]
-    chunks = buf.split(sizes)
-    for i, layer in enumerate(layers.values()):
-        layer.placement.set_state(chunks[1 + 2 * i], chunks[2 + 2 * i].bool(), allow_uncovered=True)
-    return int(chunks[0])
-
-
-def readmit_across_ranks(model: nn.Module, group: ElasticGroup, shadow: ShadowStore,
-                         step: int = 0) -> tuple[int, list[int]]:
-    """Right after ``group`` admitted replacements (``step_boundary()`` returned them on the members;
-    ``group.joined`` on a replacement), on every member, joiners included: adopt the placement and step
-    of the previous generation's lowest member, then give the joiners slots back by the deterministic
-    readmission plan; each target slot's owner loads its weights from ``shadow``. Returns the step to
-    serve next and the joiners."""
-    layers = resilient_layers(model)
-    previous = set(group.members_of(group.generation - 1))
-    joiners = sorted(set(group.members) - previous)
-    step = _sync_placement(layers, group, min(set(group.members) & previous), step)
-    topo = planner.Topology(group.world_size, group.world_size)
-    for name, layer in layers.items():
-        p = layer.placement
-        plan = planner.readmit_plan(p.phy2log.numpy(), p.slot_rank.numpy(), p.active.numpy(), joiners,
-                                    np.ones(layer.config.num_experts), topo)
-        # every target slot is out of routing until the single commit below (a joiner's slot is on
-        # a dead rank, any other is spare), so owners write weights first, then all flip at once
-        for target, expert, _, _ in plan.copies.tolist():
-            if int(p.slot_rank[target]) == group.rank:
-                layer.experts.write_slot(target, *shadow.read_expert(name, expert))
-        active = p.active.clone()
-        active[joiners] = True
-        p.set_state(plan.phy2log, active, allow_uncovered=True)  # may still be short
-    return step, joiners
 
 
 def reduce_grads_across_ranks(layer: ResilientMoE, group: ElasticGroup) -> None:

@@ -3,7 +3,7 @@ SIGKILLed (or SIGSTOPped) mid-stream; survivors agree, recover in place and keep
 replacement rejoins. ``--baseline restart`` measures what every other stack does instead.
 
 Worker protocol (one JSON line per event in ``out_dir/rank{r}.jsonl``):
-    {"step", "batch_of", "served_by", "gen", "t0", "t1", "tokens"}      a batch served
+    {"step", "batch_of", "served_by", "gen", "t0", "t1", "tokens", "pid"}      a batch served
         (+ "makeup": true for a lost rank's in-flight batch, re-run with the survivors' next step)
     {"event": "failure", "step", "lost", "t_detect", "t_recovered", "graphs", "recovery", "cause"}
     {"event": "done", "graphs"}                    graphs: torch.compile graphs built so far
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from moe_resilient import planner
-from moe_resilient.dispatch import (Loopback, check_placement_consistent, ep_forward, readmit_across_ranks,
-                                    recover_across_ranks)
+from moe_resilient.dispatch import Loopback, ep_forward
+from moe_resilient.elastic import check_placement_consistent, recover_across_ranks
 from moe_resilient.group import ElasticGroup, FencedError, RankFailure
 from moe_resilient.layer import MoEConfig, ResilientMoE
 from moe_resilient.recovery import compiled_graphs
@@ -101,13 +101,21 @@ def worker(args) -> int:
         return 0
     timing = {"heartbeat_timeout": args.heartbeat_timeout} if args.heartbeat_timeout else {}
     group = ElasticGroup.from_env(timeout=args.collective_timeout, **timing).start()
+    topology = planner.Topology(group.world_size, args.ranks_per_host or group.world_size)
+
+    def catch_up(step):  # every member applies the same repairs and readmissions (elastic.py)
+        return recover_across_ranks(model, group, step=step, shadow=shadow, topology=topology,
+                                    shadow_current=True)  # serving: weights never change
+
     step = 0
     if group.joined:  # a replacement: the members run the same readmission after their step boundary
-        step, joiners = readmit_across_ranks(model, group, shadow, 0)
-        emit(event="admitted", ranks=joiners, step=step, t=time.time())
-    if args.perturb_placement and rank == 1:  # bad input on purpose: one rank disagrees
-        model.moe[0].placement.remap(model.moe[0].placement.phy2log.roll(1))
-    check_placement_consistent(resilient_layers(model), group)
+        change = catch_up(None)
+        step = change.step
+        emit(event="admitted", ranks=change.admitted, step=step, t=time.time())
+    else:  # all start alike: refuse to serve if a rank's placement differs
+        if args.perturb_placement and rank == 1:  # bad input on purpose: one rank disagrees
+            model.moe[0].placement.remap(model.moe[0].placement.phy2log.roll(1))
+        check_placement_consistent(resilient_layers(model), group)
     pending = []  # (step, batch_of) of dead ranks' in-flight batches to re-run
     rejoined_at = [step if group.joined else -1]  # step at which the last admission completed
 
@@ -135,45 +143,45 @@ def worker(args) -> int:
             t0 = time.time()
             try:
                 out = model.ep(served, group, compiled=args.compile)
+                t1 = time.time()
+                for i, (batch_step, batch_of) in enumerate([(step, rank)] + mine):
+                    if args.save_outputs:  # before the record: a batch recorded as served has its output
+                        _save(out[i * args.tokens:(i + 1) * args.tokens],
+                              os.path.join(args.out_dir, f"out_s{batch_step}_b{batch_of}.pt"))
+                    emit(step=batch_step, batch_of=batch_of, served_by=rank, gen=group.generation, t0=t0, t1=t1,
+                         tokens=args.tokens, pid=os.getpid(), **({"makeup": True} if i else {}))
+                pending.clear()
+                step += 1
+                if group.step_boundary():
+                    change = catch_up(step)
+                    rejoined_at[0] = step
+                    emit(event="admitted", ranks=change.admitted, step=step, t=time.time())
             except RankFailure as failure:
                 t_agreed = time.time()
                 graphs = compiled_graphs()
                 t_detect = t_agreed - (time.monotonic() - group.last_failure_detect_s)
                 if args.die_during_recovery == rank:  # test: a second rank lost while the first is repaired
                     os.kill(os.getpid(), signal.SIGKILL)
-                lost, report = recover_across_ranks(model, failure.lost_ranks, group, step=step, shadow=shadow,
-                                                     shadow_current=True,  # serving: weights never change
-                                                     topology=planner.Topology(group.world_size,
-                                                                               args.ranks_per_host or group.world_size))
-                emit(event="failure", step=step, lost=lost, t_detect=t_detect, t_agreed=t_agreed,
+                change = catch_up(step)
+                report = change.report
+                emit(event="failure", step=step, lost=change.lost, t_detect=t_detect, t_agreed=t_agreed,
                      t_recovered=time.time(), graphs=graphs, gen=group.generation,
-                     recovery=report.summary(), uncovered=report.uncovered,
-                     cause=str(failure))
+                     recovery=report.summary() if report else "", uncovered=report.uncovered if report else {},
+                     admitted=change.admitted, cause=str(failure))
                 # The survivors may have met the failure one step apart (a collective can complete on
                 # one and fail on another): all go on from the latest, and with it re-run the lost
                 # ranks' batches from the earliest and any survivor's own that it did not complete.
-                met = report.member_steps
+                # A lost rank may have died after its part of the last completed step's collectives
+                # but before its output: that batch is re-run too (at least once; it may be twice).
+                met = change.member_steps
                 first, step = min(met.values()), max(met.values())
-                pending += [(s, r) for r in lost for s in range(first, step + 1)]
+                if change.admitted:
+                    rejoined_at[0] = step
+                pending += [(s, r) for r in change.lost for s in range(max(first - 1, 0), step + 1)]
                 pending += [(s, r) for r, at in sorted(met.items()) for s in range(at, step)]
-                continue
             except FencedError as exc:
                 emit(event="fenced", t=time.time(), error=str(exc))
                 return 3
-            t1 = time.time()
-            for i, (batch_step, batch_of) in enumerate([(step, rank)] + mine):
-                if args.save_outputs:  # before the record: a batch recorded as served has its output
-                    _save(out[i * args.tokens:(i + 1) * args.tokens],
-                          os.path.join(args.out_dir, f"out_s{batch_step}_b{batch_of}.pt"))
-                emit(step=batch_step, batch_of=batch_of, served_by=rank, gen=group.generation, t0=t0, t1=t1,
-                     tokens=args.tokens, **({"makeup": True} if i else {}))
-            pending.clear()
-            step += 1
-            if group.step_boundary():
-                step, joiners = readmit_across_ranks(model, group, shadow, step)
-                rejoined_at[0] = step
-                emit(event="admitted", ranks=joiners, step=step, t=time.time())
-                check_placement_consistent(resilient_layers(model), group)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
     emit(event="done", graphs=compiled_graphs())
@@ -464,6 +472,8 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_ranks=(2,), fail_steps=(100
         "pause_s": min(after) - max(before),
         "lost_batches": sorted(expected - got),
         "rerun_batches": sorted((x["step"], x["batch_of"]) for x in served if x.get("makeup")),
+        # served twice: a lost rank's last batch may have been delivered before it died
+        "duplicate_batches": len(served) - len(got),
         "compiled": compile,
         # graphs built between a survivor's first failure and its exit: a recompile caused by recovery
         "recompiles": sum(_graphs_after_failure(recs[r]) for r in survivors),

@@ -145,6 +145,9 @@ class ElasticGroup(Collectives):
         self._admitted = 0  # join requests admitted so far (agreed in-band)
         self._admit_target = 0
         self.last_failure_detect_s: float | None = None
+        # the generation the caller's expert placement reflects (dispatch.recover_across_ranks and
+        # readmit_across_ranks move it on)
+        self.placement_generation = -1
 
     @classmethod
     def from_env(cls, **kwargs) -> ElasticGroup:
@@ -179,6 +182,7 @@ class ElasticGroup(Collectives):
         self.store.compare_set("gen/0/members", "", json.dumps(sorted(first.items())))
         self.store.compare_set("gen", "", "0")
         self._form(0, self._membership(0))
+        self.placement_generation = self.generation
         return self
 
     def _wait_keys(self, keys: list[str], timeout: float, what: str) -> None:
@@ -232,6 +236,7 @@ class ElasticGroup(Collectives):
             g = int(self.store.get("gen"))
             members = self._membership(g)
             if members.get(self.rank) == self.incarnation:
+                self.placement_generation = g - 1  # this process's placement is not the group's yet
                 self._form(g, members)
                 self.joined = True
                 return self
@@ -367,6 +372,31 @@ class ElasticGroup(Collectives):
             time.sleep(0.0005)
         return set()
 
+    def gather(self, name: str, value: str, generation: int | None = None) -> dict[int, str]:
+        """Every member of ``generation`` (default: the current one) posts ``value`` under ``name``;
+        returns {rank: value} of the members that count: those that posted before every other one was
+        known dead or stalled (or ``agree_timeout`` passed), decided once by compare_set. Every member
+        gets the same dict, however late it comes and whoever dies meanwhile: store traffic only, no
+        collective that could complete on some members and fail on others."""
+        g = self.generation if generation is None else generation
+        members = self._membership(g)
+        base = f"gen/{g}/gather/{name}"
+        self.store.set(f"{base}/{self.rank}", value)
+        closed = f"{base}/closed"
+        stall, start, last_poll, stalled = Stall(self.detector, members), time.monotonic(), 0.0, set()
+        while not self.store.check([closed]):
+            waiting = {r: i for r, i in members.items() if not self.store.check([f"{base}/{r}"])}
+            now = time.monotonic()
+            if waiting and now - last_poll >= self.poll_interval:
+                last_poll, stalled = now, set(stall.poll(waiting))
+            if not set(waiting) - self.detector.known_dead(waiting) - stalled or now - start > self.agree_timeout:
+                posted = [r for r in members if self.store.check([f"{base}/{r}"])]  # the dead post no more
+                self.store.compare_set(closed, "", json.dumps(posted))
+                break
+            time.sleep(0.0005)
+        ranks = json.loads(self.store.get(closed))
+        return {r: v.decode() for r, v in zip(ranks, self.store.multi_get([f"{base}/{r}" for r in ranks]))}
+
     # ----------------------------------------------------------------------------------- joins
     def _read_joins(self, store: dist.Store) -> None:  # on the heartbeat thread, its own connection
         self._seen_joins = int(store.add("join/count", 0))
@@ -410,5 +440,7 @@ class ElasticGroup(Collectives):
         self.store.compare_set(f"gen/{g + 1}/members", "", json.dumps(sorted(members.items())))
         self.store.compare_set(f"gen/{g + 1}/admitted", "", str(admitted))
         self.store.compare_set("gen", str(g), str(g + 1))
-        self._form(g + 1, members)
-        return sorted(r for r in joiners if r in self.incarnations)
+        lost = self._form(g + 1, members)
+        if lost:  # a member or joiner died before the new group formed: agreed away already
+            raise RankFailure(lost, self.generation, "cause: lost while admitting replacements")
+        return sorted(joiners)

@@ -41,6 +41,7 @@ class Launcher:
         self.port = self.store.port
         self.procs: dict[int, subprocess.Popen] = {}
         self.exits: list[tuple[int, int, float]] = []  # (rank, return code, time)
+        self.returncodes: dict[int, int] = {}  # pid -> return code, for every process that exited
         self.respawned = 0
         self._reaped: set[int] = set()
         self._logs = []
@@ -104,6 +105,7 @@ class Launcher:
             self._reaped.add(proc.pid)
             rc = proc.returncode
             self.exits.append((rank, rc, time.time()))
+            self.returncodes[proc.pid] = rc
             if rc != 0:
                 incarnation = self.store.add(f"{STORE_PREFIX}inc/{rank}", 0)  # the one that died
                 self.store.set(f"{STORE_PREFIX}dead/{rank}/{incarnation}", "1")

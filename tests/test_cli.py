@@ -41,7 +41,8 @@ def test_drill_writes_json_and_plot(tmp_path):
     # the rank dies once it has served 5+ steps (how many more, timing decides): its batch of the step the
     # survivors found it gone is re-run, no other
     assert result["failure_step"] >= 5
-    assert result["lost_batches"] == [] and result["rerun_batches"] == [[result["failure_step"], 2]]
+    assert result["lost_batches"] == [] and result["rerun_batches"] == [[result["failure_step"] - 1, 2],
+                                                                      [result["failure_step"], 2]]
     assert 0 < result["detection_latency_s"] < result["pause_s"]
     assert result["compiled"] and result["recompiles"] == 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

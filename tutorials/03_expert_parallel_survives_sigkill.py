@@ -18,7 +18,8 @@ import torch
 import torch._dynamo
 
 from moe_resilient import MoEConfig, ResilientMoE, ShadowStore, planner
-from moe_resilient.dispatch import Loopback, ep_forward, readmit_across_ranks, recover_across_ranks
+from moe_resilient.dispatch import Loopback, ep_forward
+from moe_resilient.elastic import recover_across_ranks
 from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.launch import Launcher
 
@@ -49,9 +50,13 @@ def serve(shadow_dir: str) -> None:
         ep_forward(layer, batch(0, rank), Loopback(W), compiled=True)
         group = ElasticGroup.from_env().start()
         step = full_since = 0  # full_since: the step from which every rank is a member again
+
+        def catch_up(step):  # every member applies the same repairs and readmissions, in order
+            return recover_across_ranks(layer, group, step=step, shadow=shadow, topology=planner.Topology(W, W),
+                                        shadow_current=True)  # serving: weights never change
+
         if group.joined:  # a replacement: take the members' placement and step, get slots back
-            step, _ = readmit_across_ranks(layer, group, shadow)
-            full_since = step
+            step = full_since = catch_up(None).step
             print(f"rank {rank}: rejoined at step {step}", flush=True)
         with torch._dynamo.config.patch(error_on_recompile=True):
             # every member decides alike (same step, same agreed membership): serve STEPS, and 10 more
@@ -65,17 +70,13 @@ def serve(shadow_dir: str) -> None:
                         break
                     except RankFailure as failure:  # every survivor repairs alike, then they compare
                         print(f"rank {rank}, step {step}: {failure}", flush=True)  # names how it was seen
-                        _, report = recover_across_ranks(layer, failure.lost_ranks, group, shadow=shadow,
-                                                          shadow_current=True,  # serving: weights never change
-                                                          topology=planner.Topology(W, W))
-                        print(f"rank {rank}, step {step}: {report.summary()}", flush=True)
+                        print(f"rank {rank}, step {step}: {catch_up(step).report.summary()}", flush=True)
                 torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
                 open(os.path.join(shadow_dir, f"served{rank}"), "w").write(str(step + 1))
                 step += 1
                 if group.step_boundary():  # 3. replacements are admitted here, agreed in-band
-                    step, joiners = readmit_across_ranks(layer, group, shadow, step)
                     full_since = step
-                    print(f"rank {rank}: admitted {joiners} at step {step}", flush=True)
+                    print(f"rank {rank}: admitted {catch_up(step).admitted} at step {step}", flush=True)
                 time.sleep(0.02)
     group.finish()
     print(f"rank {rank}: served up to step {step}; no recompiles, same answers", flush=True)
