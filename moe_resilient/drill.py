@@ -66,6 +66,27 @@ def make_batch(step: int, batch_of: int, tokens: int) -> torch.Tensor:
     return torch.randn(tokens, HIDDEN, generator=g)
 
 
+def rerun_after_failure(change) -> tuple[list[tuple[int, int]], int]:
+    """(batches to re-run, step to go on from), the same on every survivor. The survivors may have met
+    the failure one step apart (a collective can complete on one and fail on another): all go on from
+    the latest, and re-run, from the step before the earliest, every batch a lost rank served (it may
+    have died after its part of a step's collectives but before its output: re-run at least once, maybe
+    twice) and every batch a survivor had not completed. Who served what comes from the members'
+    histories (``change.carried``), so a re-run batch lost again is re-run again."""
+    met = change.member_steps
+    first, step = min(met.values()), max(met.values())
+    served_in = {}  # step -> {member: batches}, merged: members that computed a step computed it alike
+    for history in change.carried.values():
+        for s, batches in (history or {}).items():
+            served_in.setdefault(int(s), {}).update({int(m): [tuple(b) for b in bs] for m, bs in batches.items()})
+    rerun = set()
+    for s in range(max(first - 1, 0), step + 1):
+        for m, batches in served_in.get(s, {}).items():
+            if m in change.lost or s >= met.get(m, s + 1):
+                rerun.update(b for b in batches if b != (step, m) or m in change.lost)
+    return sorted(rerun), step
+
+
 def _save(tensor: torch.Tensor, path: str) -> None:
     """Atomically: a rank killed mid-write leaves no torn file behind."""
     torch.save(tensor, path + ".tmp")
@@ -103,8 +124,8 @@ def worker(args) -> int:
     group = ElasticGroup.from_env(timeout=args.collective_timeout, **timing).start()
     topology = planner.Topology(group.world_size, args.ranks_per_host or group.world_size)
 
-    def catch_up(step):  # every member applies the same repairs and readmissions (elastic.py)
-        return recover_across_ranks(model, group, step=step, shadow=shadow, topology=topology,
+    def catch_up(step, carry=None):  # every member applies the same repairs and readmissions (elastic.py)
+        return recover_across_ranks(model, group, step=step, shadow=shadow, topology=topology, carry=carry,
                                     shadow_current=True)  # serving: weights never change
 
     step = 0
@@ -116,7 +137,8 @@ def worker(args) -> int:
         if args.perturb_placement and rank == 1:  # bad input on purpose: one rank disagrees
             model.moe[0].placement.remap(model.moe[0].placement.phy2log.roll(1))
         check_placement_consistent(resilient_layers(model), group)
-    pending = []  # (step, batch_of) of dead ranks' in-flight batches to re-run
+    pending = []  # (step, batch_of) of batches to re-run, the same list on every member
+    history = {}  # step -> {member: the batches it serves in that step}, the last two steps
     rejoined_at = [step if group.joined else -1]  # step at which the last admission completed
 
     def stop_at() -> int:  # the orchestrator names a step far enough ahead that every member has read it
@@ -138,7 +160,11 @@ def worker(args) -> int:
         while more_steps():
             # Lost ranks' in-flight batches ride along with the survivors' next step, spread over them
             # (pending[i] on the i-th member, cyclically), so the re-run costs no extra step.
-            mine = [p for i, p in enumerate(pending) if group.members[i % len(group.members)] == rank]
+            n = len(group.members)
+            history[step] = {m: [(step, m)] + [p for i, p in enumerate(pending) if group.members[i % n] == m]
+                             for m in group.members}
+            history.pop(step - 2, None)
+            mine = history[step][rank][1:]
             served = torch.cat([make_batch(step, rank, args.tokens)] + [make_batch(s, b, args.tokens) for s, b in mine])
             t0 = time.time()
             try:
@@ -162,23 +188,15 @@ def worker(args) -> int:
                 t_detect = t_agreed - (time.monotonic() - group.last_failure_detect_s)
                 if args.die_during_recovery == rank:  # test: a second rank lost while the first is repaired
                     os.kill(os.getpid(), signal.SIGKILL)
-                change = catch_up(step)
+                change = catch_up(step, carry=history)
                 report = change.report
                 emit(event="failure", step=step, lost=change.lost, t_detect=t_detect, t_agreed=t_agreed,
                      t_recovered=time.time(), graphs=graphs, gen=group.generation,
                      recovery=report.summary() if report else "", uncovered=report.uncovered if report else {},
                      admitted=change.admitted, cause=str(failure))
-                # The survivors may have met the failure one step apart (a collective can complete on
-                # one and fail on another): all go on from the latest, and with it re-run the lost
-                # ranks' batches from the earliest and any survivor's own that it did not complete.
-                # A lost rank may have died after its part of the last completed step's collectives
-                # but before its output: that batch is re-run too (at least once; it may be twice).
-                met = change.member_steps
-                first, step = min(met.values()), max(met.values())
+                pending, step = rerun_after_failure(change)
                 if change.admitted:
                     rejoined_at[0] = step
-                pending += [(s, r) for r in change.lost for s in range(max(first - 1, 0), step + 1)]
-                pending += [(s, r) for r, at in sorted(met.items()) for s in range(at, step)]
             except FencedError as exc:
                 emit(event="fenced", t=time.time(), error=str(exc))
                 return 3

@@ -42,6 +42,7 @@ class MembershipChange:
     admitted: list[int] = field(default_factory=list)
     member_steps: dict[int, int] = field(default_factory=dict)
     report: RecoveryReport | None = None
+    carried: dict[int, object] = field(default_factory=dict)  # each member's ``carry``, same on every member
 
     @property
     def step(self) -> int | None:
@@ -71,14 +72,16 @@ def check_placement_consistent(layers: dict[str, ResilientMoE], group: ElasticGr
 
 def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | None = None,
                          shadow: ShadowStore | None = None, topology: planner.Topology | None = None,
-                         **recover_kwargs) -> MembershipChange:
+                         carry=None, **recover_kwargs) -> MembershipChange:
     """Bring this rank's placement up to ``group``'s generation, on every member alike: after a
     RankFailure (survivors), after ``step_boundary()`` admitted replacements (members), and on a
     replacement once ``start()`` returns. For a generation that lost members: ``recover`` with the
     members' summed load counters (this rank writes only the slots it owns). For one that admitted
     replacements: the placement of the previous generation's lowest member, then the joiners' slots
     back by the deterministic readmission plan, each target slot's owner loading its weights from
-    ``shadow``. ``step``: where this rank stands (None on a replacement). ``recover_kwargs`` go to
+    ``shadow``. ``step``: where this rank stands (None on a replacement). ``carry``: any JSON value
+    (the application's own state, e.g. the work each rank had in flight) posted with the inputs;
+    ``change.carried`` holds every member's, alike on every member. ``recover_kwargs`` go to
     ``recover``. With no generation to catch up on, nothing changes."""
     layers = resilient_layers(model)
     topology = topology or planner.Topology(group.world_size, group.world_size)
@@ -87,7 +90,7 @@ def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | N
         before, now = set(group.members_of(g - 1)), set(group.members_of(g))
         lost, joiners = sorted(before - now), sorted(now - before)
         joining = group.rank in joiners
-        mine = {"step": step, "sums": None if joining else _placement_checksums(layers),
+        mine = {"step": step, "carry": carry, "sums": None if joining else _placement_checksums(layers),
                 "load": [layer.expert_load.tolist() for layer in layers.values()] if lost else None,
                 "placement": [[layer.placement.phy2log.tolist(), layer.placement.active.tolist()]
                               for layer in layers.values()] if joiners and not joining else None}
@@ -106,6 +109,7 @@ def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | N
         change.lost += lost
         change.admitted += [r for r in joiners if r not in change.admitted]
         change.member_steps = {r: p["step"] for r, p in posted.items() if p["step"] is not None}
+        change.carried = {r: p["carry"] for r, p in posted.items()}
         group.placement_generation = g
     change.lost = sorted(set(change.lost))
     return change
