@@ -216,14 +216,46 @@ class ElasticGroup(Collectives):
             return self._agree()
         if os.environ.get("MOE_RESILIENT_DEBUG"):
             print(f"[rank {self.rank}] entering generation {g} members {list(self.members)}", flush=True)
-        pg_store = dist.PrefixStore(f"gen/{g}/pg/", self.store)
-        # gloo's own deadline (connecting, and each operation) stays above ours: _wait decides.
-        pg = dist.ProcessGroupGloo(pg_store, self.members.index(self.rank), len(self.members),
-                                   _timedelta(max(30.0, 2 * self.timeout)))
+        try:
+            pg = self._connect_gloo(g)
+        except Exception:  # a member died after showing up, before every pair connected
+            self.last_failure_detect_s = time.monotonic()
+            return self._agree()
         if self._pg is not None:
             _retire(self._pg)
         self._pg = pg
         return []
+
+    def _connect_gloo(self, g: int):
+        """Generation g's gloo group, built on a thread while this one watches the members: gloo would
+        wait for a member that died mid-connect for its whole deadline. Raises once one is known dead
+        or stalled (the builder thread fails on its own later; nothing uses its group)."""
+        built = {}
+        pg_store = dist.PrefixStore(f"gen/{g}/pg/", self.store)
+
+        def build():
+            try:  # gloo's own deadline (connecting, and each operation) stays above ours: _wait decides
+                built["pg"] = dist.ProcessGroupGloo(pg_store, self.members.index(self.rank), len(self.members),
+                                                    _timedelta(max(30.0, 2 * self.timeout)))
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
+                built["error"] = exc
+
+        thread = threading.Thread(target=build, name="elastic-connect", daemon=True)
+        thread.start()
+        peers = {r: i for r, i in self.incarnations.items() if r != self.rank}
+        stall, last_poll = None, time.monotonic()
+        while thread.is_alive():
+            thread.join(self._slice.total_seconds())
+            gone = set(self.detector.off_board(peers))
+            if not gone and time.monotonic() - last_poll >= self.poll_interval:
+                last_poll = time.monotonic()
+                stall = stall or Stall(self.detector, peers)
+                gone = self.detector.noticed_dead(peers) | set(stall.poll())
+            if gone and thread.is_alive():
+                raise RuntimeError(f"ranks {sorted(gone)} lost while generation {g}'s gloo group connected")
+        if "error" in built:
+            raise built["error"]
+        return built["pg"]
 
     def _join(self) -> ElasticGroup:
         """Ask to be admitted: the n-th request is written once, by compare_set, so that members that
