@@ -1,11 +1,27 @@
-"""moe_resilient: Mixture-of-Experts layers whose expert placement is mutable runtime state."""
+"""moe_resilient: Mixture-of-Experts layers whose expert placement is mutable runtime state.
 
-from moe_resilient.checkpoint import load_routing_state, save_routing_state
+The layer and its placement load eagerly; the control plane (planner: numba; shadow store and
+checkpoints: safetensors; recovery) loads on first use, so importing ``ResilientMoE`` stays light.
+"""
+
+import importlib
+
 from moe_resilient.layer import MoEConfig, ResilientMoE, TopKRouter
 from moe_resilient.placement import ExpertPlacement, PlacementError
-from moe_resilient.planner import Topology
-from moe_resilient.recovery import RecoveryReport, memory_report, recover
-from moe_resilient.shadow import ShadowStore, ShadowStoreError
+
+_LAZY = {
+    "load_routing_state": "checkpoint", "save_routing_state": "checkpoint",
+    "Topology": "planner",
+    "RecoveryReport": "recovery", "memory_report": "recovery", "recover": "recovery",
+    "ShadowStore": "shadow", "ShadowStoreError": "shadow",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"moe_resilient.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'moe_resilient' has no attribute {name!r}")
+
 
 __all__ = [
     "ExpertPlacement",

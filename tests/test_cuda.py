@@ -1,4 +1,4 @@
-"""The layer on a CUDA device, where the ops run cuda_kernels.py (torch._grouped_mm for bf16, the plain
+"""The layer on a CUDA device, where the ops run ops/cuda.py (torch._grouped_mm for bf16, the plain
 references otherwise): equal to the same layer on CPU forward and backward, the compositions equal to the
 references there, a serving step that never waits on the device and replays placement edits from one
 captured CUDA graph, compiled with zero recompiles across placement edits, the ops pass opcheck there, and
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch._dynamo
 
-from moe_resilient import MoEConfig, ResilientMoE, cuda_kernels, ops
+from moe_resilient import MoEConfig, ResilientMoE, ops
+from moe_resilient.ops import cuda as cuda_kernels
 from reference import reference_moe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -1,11 +1,11 @@
-"""The ops' CUDA kernels (cuda_kernels.py), run here on CPU, where torch._grouped_mm has a kernel too: equal
+"""The ops' CUDA kernels (ops/cuda.py), run here on CPU, where torch._grouped_mm has a kernel too: equal
 to the references, errors included, and a rejected call counts no load. tests/test_cuda.py runs them on a
 GPU, captured in a CUDA graph too."""
 
 import pytest
 import torch
 
-from moe_resilient import cuda_kernels as ck
+from moe_resilient.ops import cuda as ck
 from moe_resilient import ops
 
 S, E, H, I = 6, 4, 16, 24

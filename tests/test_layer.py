@@ -247,3 +247,15 @@ def test_expert_weights_are_backed_by_huge_pages():
         elif overlaps and line.startswith("AnonHugePages:"):
             huge_kb += int(line.split()[1])
     assert huge_kb >= 2048, f"w13 ({(end - start) >> 20} MiB) has {huge_kb} kB in huge pages"
+
+
+def test_importing_the_layer_loads_no_control_plane():
+    """numba (planner) and safetensors (shadow store, checkpoints) load on first use only."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from moe_resilient import MoEConfig, ResilientMoE; ResilientMoE(MoEConfig(8, 16, 4, 2)); "
+            "print(sorted(m for m in ('numba', 'safetensors', 'moe_resilient.planner', 'moe_resilient.shadow') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moe_resilient import ops
+from moe_resilient.ops import reference
 
 
 def grouped_mm_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -84,10 +84,10 @@ def group_by_slot(slot_ids: torch.Tensor, num_slots: int) -> tuple[torch.Tensor,
 
 
 def route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict=False, load=None):
-    E, _ = ops.route_args(topk_ids, log2phy, logcnt, num_slots, load)
+    E, _ = reference.route_args(topk_ids, log2phy, logcnt, num_slots, load)
     slot_ids, bad = choose_slots(topk_ids, log2phy, logcnt, num_slots, strict)
     if not _trusted(bad):
-        return ops.route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict, load)
+        return reference.route_to_slots_reference(topk_ids, log2phy, logcnt, num_slots, strict, load)
     if load is not None:  # only once every pair has passed the checks
         ids = topk_ids.reshape(-1).clamp(0, E - 1)
         load.index_add_(0, ids, torch.ones_like(ids))
@@ -119,9 +119,9 @@ def swiglu_rows(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: t
 
 
 def grouped_swiglu(x, offsets, w13, w2):
-    ops.expert_args(x, offsets, w13, w2)
+    reference.expert_args(x, offsets, w13, w2)
     if not grouped_mm_fits(x, w13, w2) or not _trusted(_offsets_bad(offsets, x.shape[0])):
-        return ops.grouped_swiglu_reference(x, offsets, w13, w2)
+        return reference.grouped_swiglu_reference(x, offsets, w13, w2)
     return swiglu_rows(x, offsets, w13, w2)
 
 
@@ -146,12 +146,12 @@ def swiglu_rows_backward(grad_out, x, offsets, w13, w2):
 
 
 def grouped_swiglu_backward(grad_out, x, offsets, w13, w2):
-    ops.expert_args(x, offsets, w13, w2)
+    reference.expert_args(x, offsets, w13, w2)
     if grad_out.shape != x.shape:
         raise RuntimeError("grouped_swiglu_backward: grad_out must match x")
     fits = grouped_mm_fits(x, w13, w2) and grad_out.dtype == x.dtype
     if not fits or not _trusted(_offsets_bad(offsets, x.shape[0])):
-        return ops.grouped_swiglu_backward_reference(grad_out, x, offsets, w13, w2)
+        return reference.grouped_swiglu_backward_reference(grad_out, x, offsets, w13, w2)
     return swiglu_rows_backward(grad_out.contiguous(), x, offsets, w13, w2)
 
 
@@ -171,8 +171,8 @@ def combine_rows(x, order, ends, slot_ids, topk_weights, w13, w2) -> torch.Tenso
     T, K = slot_ids.shape
     y = _swiglu(x[order // K], ends, w13, w2)
     y = torch.empty_like(y).index_copy_(0, order, y)
-    # ops.combine with the k-sum as one fp32 multiply-sum (bf16 rows times fp32 weights), not cast + bmm
-    weights = ops.live_weights(topk_weights, slot_ids)
+    # reference.combine with the k-sum as one fp32 multiply-sum (bf16 rows times fp32 weights), not cast + bmm
+    weights = reference.live_weights(topk_weights, slot_ids)
     return (y.view(T, K, -1) * weights.unsqueeze(-1)).sum(1).to(y.dtype)
 
 
@@ -185,16 +185,16 @@ def _combine_bad(order, offsets) -> torch.Tensor:
 
 
 def grouped_swiglu_combine(x, order, offsets, slot_ids, topk_weights, w13, w2):
-    ops.combine_args(x, order, slot_ids, topk_weights)
-    ops.expert_args(x, None, w13, w2)
+    reference.combine_args(x, order, slot_ids, topk_weights)
+    reference.expert_args(x, None, w13, w2)
     if not grouped_mm_fits(x, w13, w2) or not _trusted(_combine_bad(order, offsets)):
-        return ops.grouped_swiglu_combine_reference(x, order, offsets, slot_ids, topk_weights, w13, w2)
+        return reference.grouped_swiglu_combine_reference(x, order, offsets, slot_ids, topk_weights, w13, w2)
     return combine_rows(x, order, slot_ends(offsets, order.shape[0]), slot_ids, topk_weights, w13, w2)
 
 
 def route_tokens(x, weight, k, normalize, log2phy, logcnt, num_slots, strict=False, load=None):
-    ops.router_args(x, weight, k)
-    logits, topk_weights, topk_ids = ops.softmax_router(x, weight, k, normalize)
+    reference.router_args(x, weight, k)
+    logits, topk_weights, topk_ids = reference.softmax_router(x, weight, k, normalize)
     return (logits, topk_weights, topk_ids, *route_to_slots(topk_ids, log2phy, logcnt, num_slots, strict, load))
 
 
@@ -202,17 +202,17 @@ def moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict
     tokens = x.reshape(-1, x.shape[-1])
     args = (x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict, w13, w2, scaling, load)
     if not grouped_mm_fits(tokens, w13, w2):
-        return ops.moe_forward_reference(*args)
-    ops.moe_args(tokens, w13, w2, num_slots)
-    ops.router_args(tokens, gate_weight, k)
-    logits, topk_weights, topk_ids = ops.softmax_router(tokens, gate_weight, k, normalize)
-    ops.route_args(topk_ids, log2phy, logcnt, num_slots, load)
+        return reference.moe_forward_reference(*args)
+    reference.moe_args(tokens, w13, w2, num_slots)
+    reference.router_args(tokens, gate_weight, k)
+    logits, topk_weights, topk_ids = reference.softmax_router(tokens, gate_weight, k, normalize)
+    reference.route_args(topk_ids, log2phy, logcnt, num_slots, load)
     if log2phy is None:
         slot_ids = topk_ids
     else:  # route_to_slots' choice, trusting ExpertPlacement's invariant: log2phy is -1 past each count
         cnt, slot_ids = _replica_choice(topk_ids, log2phy, logcnt)
         if strict and not _trusted((cnt == 0).any()):  # the reference raises, before `load` changes
-            return ops.moe_forward_reference(*args)
+            return reference.moe_forward_reference(*args)
     if load is not None:  # topk's ids are in range
         flat = topk_ids.view(-1)
         load.index_add_(0, flat, torch.ones_like(flat))
@@ -226,12 +226,13 @@ def moe_forward(x, gate_weight, k, normalize, log2phy, logcnt, num_slots, strict
     out = combine_rows(tokens, order, ends, slot_ids, topk_weights, w13, w2)
     return out.view(x.shape), logits
 
-for _name, _kernel in [
-    ("moe_forward", moe_forward),
-    ("route_to_slots", route_to_slots),
-    ("route_tokens", route_tokens),
-    ("grouped_swiglu", grouped_swiglu),
-    ("grouped_swiglu_backward", grouped_swiglu_backward),
-    ("grouped_swiglu_combine", grouped_swiglu_combine),
-]:
-    torch.library.register_kernel(f"moe_resilient::{_name}", "cuda", _kernel)
+
+# registered for the "cuda" dispatch key by ops/__init__.py
+KERNELS = {
+    "moe_forward": moe_forward,
+    "route_to_slots": route_to_slots,
+    "route_tokens": route_tokens,
+    "grouped_swiglu": grouped_swiglu,
+    "grouped_swiglu_backward": grouped_swiglu_backward,
+    "grouped_swiglu_combine": grouped_swiglu_combine,
+}
