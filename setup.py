@@ -10,7 +10,8 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 def extension():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "process", "*.cpp")))
     # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is
     # built with OpenMP (it then shares the libgomp torch already loaded).
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []

@@ -2,7 +2,7 @@
 // every other caller use). Right after a step has streamed its experts through the caches, the
 // dispatcher's way from Python into an op costs ~45 us, this file's ~18 (route_to_slots, measured
 // after a 128 MiB sweep on a Zen 4): on a 1-token step of ~800 us that is worth a door of its own.
-// Same kernels, same checks; no autograd, CPU tensors only (moe_resilient/ops.py decides).
+// Same kernels, same checks; no autograd, CPU tensors only (moe_resilient/ops/wrappers.py decides).
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>

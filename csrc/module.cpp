@@ -12,7 +12,7 @@ static PyObject* built_with_openmp(PyObject*, PyObject*) {
 #endif
 }
 
-extern PyMethodDef liveness_methods[];  // csrc/cpu/liveness.cpp
+extern PyMethodDef liveness_methods[];  // csrc/process/liveness.cpp
 extern PyMethodDef eager_methods[];     // csrc/eager_calls.cpp
 
 namespace moe_resilient {  // csrc/cpu/skinny_gemm.h

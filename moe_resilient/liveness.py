@@ -3,7 +3,7 @@
 A killed process closes its sockets only after the kernel has torn down its address space, which
 takes longer the larger it is (benchmarks/test_detection.py: 41 ms at +100 MiB, 326 ms at +3 GiB on top
 of ``import torch``); its robust mutexes are released at the start of its exit. The launcher creates a board of one robust, process-shared
-mutex per rank (csrc/cpu/liveness.cpp) and names it in ``MOE_RESILIENT_LIVENESS``; each rank holds
+mutex per rank (csrc/process/liveness.cpp) and names it in ``MOE_RESILIENT_LIVENESS``; each rank holds
 its own for life (``ElasticGroup.start`` does), and a collective that waits probes its peers'.
 Ranks on other hosts (torchrun multi-node) are not on the board: their crashes are seen by sockets.
 """

@@ -3,8 +3,7 @@
 // which any single changed word alters (odd factors are invertible mod 2^64). copy_checksum computes it
 // while copying, so a restore reads the shadow bytes once. Each thread sums its own contiguous words;
 // the total is the plain sum of the parts.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "ops.h"
 
 #include <cstdint>
 #include <cstring>
@@ -44,6 +43,10 @@ int64_t checksum_into(const at::Tensor& src, uint8_t* dst) {
   return static_cast<int64_t>(h);
 }
 
+}  // namespace
+
+namespace moe_resilient {
+
 int64_t checksum(const at::Tensor& src) { return checksum_into(src, nullptr); }
 
 int64_t copy_checksum(const at::Tensor& src, const at::Tensor& dst) {
@@ -54,14 +57,4 @@ int64_t copy_checksum(const at::Tensor& src, const at::Tensor& dst) {
   return checksum_into(src, static_cast<uint8_t*>(dst.data_ptr()));
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(moe_resilient, m) {
-  m.def("checksum(Tensor src) -> int");
-  m.def("copy_checksum(Tensor src, Tensor(a!) dst) -> int");
-}
-
-TORCH_LIBRARY_IMPL(moe_resilient, CPU, m) {
-  m.impl("checksum", &checksum);
-  m.impl("copy_checksum", &copy_checksum);
-}
+}  // namespace moe_resilient

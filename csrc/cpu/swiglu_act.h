@@ -4,7 +4,7 @@
 //
 // It replaces at::silu, a mul_ and a cast to bf16, three passes over the rows: with it the bf16 layer
 // went from 43-49 to 36-39.5 ms at 512 tokens and from 7.0-8.5 to 5.3-6.7 ms at 64 (alternating builds).
-// Beside it, the bf16 roundings around the products, vectorised alike (moe_ops.cpp itself is compiled
+// Beside it, the bf16 roundings around the products, vectorised alike (the ops themselves are compiled
 // for the baseline x86-64 and rounds one element at a time): at 64 tokens bf16 the two loops they
 // replace took ~65 us of a ~4.7 ms step.
 // AVX2+FMA (the caller checks skinny_gemm_available()); single-threaded: the caller splits the rows
