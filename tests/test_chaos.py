@@ -64,8 +64,8 @@ def run_chaos(tmp_path, seed, rounds):
     reference = DrillModel(W, SPR, seed=0).eval()
     ShadowStore.export(reference, shadow)
     stop_file = os.path.join(out, "stop_at")
-    cmd = [sys.executable, "-m", "moe_resilient.drill", "--out-dir", out, "--shadow", shadow, "--steps", str(1 << 40),
-           "--tokens", str(TOKENS), "--slots-per-rank", str(SPR), "--save-outputs", "--step-sleep", "0.01",
+    cmd = [sys.executable, "-m", "moe_resilient.drill_worker", "--out-dir", out, "--shadow", shadow,
+           "--steps", str(1 << 40), "--tokens", str(TOKENS), "--slots-per-rank", str(SPR), "--save-outputs", "--step-sleep", "0.01",
            "--stop-file", stop_file]
     signalled = set()  # pids the schedule killed or hung: the only ones allowed to exit non-zero
     schedule = []

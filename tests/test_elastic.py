@@ -51,8 +51,9 @@ def _drill(tmp_path, reference, *, steps=10, extra=(), respawn=False, heartbeat_
     out, shadow = str(tmp_path / "out"), str(tmp_path / "shadow")
     os.makedirs(out, exist_ok=True)
     ShadowStore.export(reference, shadow)
-    cmd = [sys.executable, "-m", "moe_resilient.drill", "--out-dir", out, "--shadow", shadow, "--steps", str(steps),
-           "--tokens", str(TOKENS), "--slots-per-rank", str(spr), "--save-outputs", "--step-sleep", "0.03",
+    worker = os.path.join(os.path.dirname(__file__), "drill_faults_worker.py")  # the drill's worker, + faults
+    cmd = [sys.executable, worker, "--out-dir", out, "--shadow", shadow, "--steps", str(steps), "--tokens", str(TOKENS),
+           "--slots-per-rank", str(spr), "--save-outputs", "--step-sleep", "0.03",
            "--heartbeat-timeout", str(heartbeat_timeout), *extra]
     return Launcher(W, cmd, respawn=respawn, log_dir=str(tmp_path / "logs")), out
 

@@ -57,8 +57,8 @@ def test_hung_rank_woken_during_agreement_is_taken_back_or_fenced(tmp_path, refe
     os.makedirs(out)
     ShadowStore.export(reference, shadow)
     steps = 14
-    cmd = [sys.executable, "-m", "moe_resilient.drill", "--out-dir", out, "--shadow", shadow, "--steps", str(steps),
-           "--tokens", str(TOKENS), "--slots-per-rank", str(SPR), "--save-outputs", "--step-sleep", "0.02",
+    cmd = [sys.executable, "-m", "moe_resilient.drill_worker", "--out-dir", out, "--shadow", shadow,
+           "--steps", str(steps), "--tokens", str(TOKENS), "--slots-per-rank", str(SPR), "--save-outputs", "--step-sleep", "0.02",
            "--until-full", "--after-full", "3"]
     with Launcher(W, cmd, respawn=True, log_dir=str(tmp_path / "logs")) as launcher:
         _wait_for(lambda: sum("batch_of" in x for x in _records(out, 1)) >= 3, 120, "3 steps served")

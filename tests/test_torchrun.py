@@ -93,7 +93,7 @@ def test_lost_node_does_not_stop_the_other_node(tmp_path):
     out.mkdir()
     ShadowStore.export(DrillModel(4, 4), str(shadow))
     port = _free_port()
-    worker = ["-m", "moe_resilient.drill", "--out-dir", str(out), "--shadow", str(shadow), "--steps", "400",
+    worker = ["-m", "moe_resilient.drill_worker", "--out-dir", str(out), "--shadow", str(shadow), "--steps", "400",
               "--tokens", "8", "--slots-per-rank", "4", "--step-sleep", "0.01", "--save-outputs"]
     common = ["--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
     node0 = _torchrun(*common, "--node-rank", "0", *worker)
@@ -133,7 +133,7 @@ def _two_nodes(tmp_path, steps, extra_worker=(), extra_torchrun=(), env=None):
     out, shadow = tmp_path / "out", tmp_path / "shadow"
     out.mkdir()
     ShadowStore.export(DrillModel(4, 4), str(shadow))
-    worker = ["-m", "moe_resilient.drill", "--out-dir", str(out), "--shadow", str(shadow), "--steps", str(steps),
+    worker = ["-m", "moe_resilient.drill_worker", "--out-dir", str(out), "--shadow", str(shadow), "--steps", str(steps),
               "--tokens", "16", "--slots-per-rank", "4", "--step-sleep", "0.01", "--save-outputs", *extra_worker]
     common = ["--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
               str(_free_port()), *extra_torchrun]
