@@ -117,7 +117,7 @@ def test_drill_detects_in_50_ms_and_pauses_under_100_ms(benchmark):
     """The drill, compiled ranks, rank 2 SIGKILLed: crash detection and the pause after detection."""
     from moe_resilient.drill import run_drill
 
-    result = benchmark.pedantic(lambda: run_drill(4, 80, 2, 30), rounds=1, iterations=1)
+    result = benchmark.pedantic(lambda: run_drill(4, 80, [2], [30]), rounds=1, iterations=1)
     benchmark.extra_info.update({k: result[k] for k in ("detection_latency_s", "pause_s", "recompiles")})
     assert result["lost_batches"] == [] and result["recompiles"] == 0
     assert result["detection_latency_s"] < 0.050, result["detection_latency_s"]

@@ -67,10 +67,10 @@ def load_routing_state(model: nn.Module, path: str, *, shadow: ShadowStore | Non
         target = state["phy2log"]
         changing = [s for s in range(p.num_slots) if int(target[s]) >= 0 and int(target[s]) != int(p.phy2log[s])]
         weights = {}
-        for e in {int(target[s]) for s in changing}:
-            live = p.slots_of(e)
+        for e in {int(target[s]) for s in changing if layer.experts.holds(s)}:  # each rank writes its own slots
+            live = [s for s in p.slots_of(e) if layer.experts.holds(s)]
             if live:
-                weights[e] = (layer.experts.w13[live[0]].detach().clone(), layer.experts.w2[live[0]].detach().clone())
+                weights[e] = tuple(w.clone() for w in layer.experts.slot_weights(live[0]))
             elif shadow is not None:
                 weights[e] = shadow.read_expert(name, e)
             else:
@@ -80,7 +80,8 @@ def load_routing_state(model: nn.Module, path: str, *, shadow: ShadowStore | Non
         p = layer.placement
         p.remap([-1 if s in changing else int(v) for s, v in enumerate(p.phy2log.tolist())], allow_uncovered=True)
         for s in changing:
-            layer.experts.write_slot(s, *weights[int(state["phy2log"][s])])
+            if layer.experts.holds(s):
+                layer.experts.write_slot(s, *weights[int(state["phy2log"][s])])
         p.set_state(state["phy2log"], state["active"], allow_uncovered=True)
         with torch.no_grad():
             layer.expert_load.copy_(state["expert_load"])

@@ -49,17 +49,19 @@ class Loopback:
 
 
 def _plan_dispatch(layer: ResilientMoE, x: torch.Tensor, world_size: int):
-    """x [T, H] -> (topk_weights [T, K], slot_ids [T, K], order [T*K], offsets [S+1], send_counts [W]).
-    Static shapes only (no bincount), so it compiles into one graph."""
-    _, topk_weights, _, slot_ids, order, offsets = layer.route(x)
+    """x [T, H] -> (router_logits [T, E], topk_weights [T, K], slot_ids [T, K], order [T*K], offsets [S+1],
+    send_counts [W]). Static shapes only (no bincount), so it compiles into one graph."""
+    logits, topk_weights, _, slot_ids, order, offsets = layer.route(x)
     send_counts = offsets.new_zeros(world_size).index_add_(0, layer.placement.slot_rank, offsets[1:] - offsets[:-1])
-    return topk_weights, slot_ids, order, offsets, send_counts
+    return logits, topk_weights, slot_ids, order, offsets, send_counts
 
 
 def _local_experts(layer: ResilientMoE, recv_x: torch.Tensor, recv_slots: torch.Tensor) -> torch.Tensor:
-    """Rows received from every rank, recv_x [N, H] with their slots [N] -> expert outputs [N, H]."""
-    local_order = torch.sort(recv_slots, stable=True).indices
-    counts = recv_slots.new_zeros(layer.config.num_slots).index_add_(0, recv_slots, torch.ones_like(recv_slots))
+    """Rows received from every rank, recv_x [N, H] with their (global) slots [N], all held here ->
+    expert outputs [N, H]."""
+    rows = recv_slots - layer.experts.held.start  # the slots' rows in this rank's storage
+    local_order = torch.sort(rows, stable=True).indices
+    counts = rows.new_zeros(len(layer.experts.held)).index_add_(0, rows, torch.ones_like(rows))
     local_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     y_sorted = layer.experts(recv_x[local_order], local_offsets)
     return torch.empty_like(y_sorted).index_copy(0, local_order, y_sorted)
@@ -95,9 +97,10 @@ def _rows(*tensors: torch.Tensor) -> None:
 
 
 def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticGroup | Loopback, *,
-               compiled: bool = False) -> torch.Tensor:
-    """hidden_states [..., H] of this rank's tokens -> [..., H]. Raises RankFailure on a lost peer.
-    ``compiled`` runs the compute between the collectives as compiled graphs (``compiled_stages``)."""
+               compiled: bool = False, return_router_logits: bool = False):
+    """hidden_states [..., H] of this rank's tokens -> [..., H] (and router_logits [T, E] with
+    ``return_router_logits``). Raises RankFailure on a lost peer. ``compiled`` runs the compute between
+    the collectives as compiled graphs (``compiled_stages``)."""
     c, p = layer.config, layer.placement
     if p.world_size != group.world_size:
         raise ValueError(f"layer placement has world_size {p.world_size}, the group {group.world_size}")
@@ -105,7 +108,7 @@ def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticG
     x = hidden_states.reshape(-1, c.hidden_size)
     if compiled:
         _rows(x)
-    topk_weights, slot_ids, order, offsets, send_counts = plan_dispatch(layer, x, group.world_size)
+    logits, topk_weights, slot_ids, order, offsets, send_counts = plan_dispatch(layer, x, group.world_size)
     K = slot_ids.shape[1]
     sent = order[: int(offsets[-1])]  # (token, k) pairs grouped by slot, hence by destination rank
     send_slots = slot_ids.flatten()[sent]
@@ -119,7 +122,8 @@ def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticG
     y_back = _AllToAll.apply(y_recv, group, recv_counts, send_counts)
     if compiled:
         _rows(topk_weights, slot_ids, order, sent, y_back)  # order: sent is a view of it
-    return combine_back(layer, x, topk_weights, slot_ids, sent, y_back).reshape(hidden_states.shape)
+    out = combine_back(layer, x, topk_weights, slot_ids, sent, y_back).reshape(hidden_states.shape)
+    return (out, logits) if return_router_logits else out
 
 
 def reduce_grads_across_ranks(layer: ResilientMoE, group: ElasticGroup) -> None:

@@ -31,20 +31,31 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE) == 0
 
 
-class SlotExperts(nn.Module):
-    """SwiGLU experts stored per physical slot.
+class SlotNotHeldError(LookupError):
+    """A slot's weights are held by another rank (sharded storage under expert parallelism)."""
 
-    w13 [S, 2I, H]: gate (w1) rows then up (w3) rows, the HF v5 ``gate_up_proj`` layout.
-    w2  [S, H, I]:  down projection.
+
+class SlotExperts(nn.Module):
+    """SwiGLU experts stored per physical slot: the rows of the slots in ``held`` (all by default; under
+    expert parallelism, the contiguous block of slots this rank owns).
+
+    w13 [len(held), 2I, H]: gate (w1) rows then up (w3) rows, the HF v5 ``gate_up_proj`` layout.
+    w2  [len(held), H, I]:  down projection.
+    Methods take global slot ids; ``row(slot)`` is the slot's row here.
     """
 
-    def __init__(self, num_slots: int, hidden_size: int, intermediate_size: int, *, dtype=None, device=None):
+    def __init__(self, num_slots: int, hidden_size: int, intermediate_size: int, *, held: range | None = None,
+                 dtype=None, device=None):
         super().__init__()
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
+        self.num_slots = num_slots
+        self.held = range(num_slots) if held is None else held
+        if self.held.step != 1 or not 0 <= self.held.start <= self.held.stop <= num_slots:
+            raise ValueError(f"held slots {self.held} must be a contiguous range inside [0, {num_slots})")
         kw = {"dtype": dtype, "device": device}
-        self.w13 = nn.Parameter(torch.empty(num_slots, 2 * intermediate_size, hidden_size, **kw))
-        self.w2 = nn.Parameter(torch.empty(num_slots, hidden_size, intermediate_size, **kw))
+        self.w13 = nn.Parameter(torch.empty(len(self.held), 2 * intermediate_size, hidden_size, **kw))
+        self.w2 = nn.Parameter(torch.empty(len(self.held), hidden_size, intermediate_size, **kw))
         for w in (self.w13, self.w2):
             advise_huge_pages(w)
         self.reset_parameters()
@@ -54,11 +65,35 @@ class SlotExperts(nn.Module):
         nn.init.normal_(self.w2, std=self.intermediate_size**-0.5)
 
     @property
-    def num_slots(self) -> int:
-        return self.w13.shape[0]
+    def sharded(self) -> bool:
+        return len(self.held) != self.num_slots
+
+    def holds(self, slot: int) -> bool:
+        return slot in self.held
+
+    def row(self, slot: int) -> int:
+        """``slot``'s row in w13 / w2; SlotNotHeldError if another rank holds it."""
+        if slot not in self.held:
+            raise SlotNotHeldError(f"slot {slot} is held by another rank (this one holds slots "
+                                   f"{self.held.start}..{self.held.stop - 1})")
+        return slot - self.held.start
+
+    @torch.no_grad()
+    def keep(self, held: range) -> None:
+        """Keep only the rows of ``held`` (a contiguous range of the slots held now) and free the rest."""
+        if held.step != 1 or not (held.start in self.held and held.stop - 1 in self.held):
+            raise ValueError(f"cannot keep slots {held}: this storage holds {self.held}")
+        a, b = self.row(held.start), self.row(held.stop - 1) + 1
+        for name in ("w13", "w2"):
+            old = getattr(self, name)
+            new = torch.empty_like(old[a:b])
+            advise_huge_pages(new)
+            new.copy_(old[a:b])
+            setattr(self, name, nn.Parameter(new, requires_grad=old.requires_grad))
+        self.held = held
 
     def forward(self, x_rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """x_rows [N, H] grouped by slot, offsets [S+1] -> [N, H]."""
+        """x_rows [N, H] grouped by held slot (row order), offsets [len(held)+1] -> [N, H]."""
         return ops.grouped_swiglu(x_rows, offsets, self.w13, self.w2)
 
     @torch.no_grad()
@@ -69,13 +104,20 @@ class SlotExperts(nn.Module):
                 f"expert weights of shape w13 {list(w13.shape)}, w2 {list(w2.shape)} do not fit slots of "
                 f"w13 {list(self.w13.shape[1:])}, w2 {list(self.w2.shape[1:])}"
             )
-        self.w13[slot].copy_(w13)
-        self.w2[slot].copy_(w2)
+        r = self.row(slot)
+        self.w13[r].copy_(w13)
+        self.w2[r].copy_(w2)
 
     @torch.no_grad()
     def copy_slot(self, dst: int, src: int) -> None:
-        self.w13[dst].copy_(self.w13[src])
-        self.w2[dst].copy_(self.w2[src])
+        d, s = self.row(dst), self.row(src)
+        self.w13[d].copy_(self.w13[s])
+        self.w2[d].copy_(self.w2[s])
+
+    def slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [2I, H], w2 [H, I]) of ``slot``: views of its row, without autograd history."""
+        r = self.row(slot)
+        return self.w13.detach()[r], self.w2.detach()[r]
 
 
 class SwiGLU(nn.Module):

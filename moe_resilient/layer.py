@@ -141,7 +141,8 @@ class ResilientMoE(nn.Module):
     """MoE block with indirect, mutable expert placement.
 
     Input [..., H] -> output [..., H] (plus router logits [T, E] when ``return_router_logits``).
-    Submodules: ``gate`` (TopKRouter), ``experts`` (SlotExperts, [S, ...] stacked weights),
+    Submodules: ``gate`` (TopKRouter), ``experts`` (SlotExperts, [S, ...] stacked weights, or only this
+    rank's slots once ``shard``ed),
     ``placement`` (ExpertPlacement), optional ``shared_expert`` and ``shared_expert_gate``.
     """
 
@@ -175,6 +176,8 @@ class ResilientMoE(nn.Module):
             )
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False, dtype=dtype, device=device)
+        # ep_forward bound to a group by parallel.parallelize: (layer, x) -> (out, router_logits)
+        self.expert_parallel = None
         # Tokens routed to each logical expert since the last reset (feeds rebalancing).
         self.register_buffer("expert_load", torch.zeros(config.num_experts, dtype=torch.long, device=device))
         # Replica slots start as copies of their expert's first slot.
@@ -191,6 +194,12 @@ class ResilientMoE(nn.Module):
             raise ValueError(
                 f"ResilientMoE expects hidden size {c.hidden_size}, got input of shape {list(hidden_states.shape)}"
             )
+        if self.expert_parallel is not None:  # parallel.parallelize attached a group: dispatch, combine
+            out, router_logits = self.expert_parallel(self, hidden_states)
+            return (out, router_logits) if self.return_router_logits else out
+        if self.experts.sharded:
+            raise RuntimeError("this layer holds only its rank's expert slots: run it through its group "
+                               "(moe_resilient.parallelize(model, group))")
         served = self._serve(hidden_states)
         if served is not None:
             out, router_logits = served
@@ -249,6 +258,18 @@ class ResilientMoE(nn.Module):
             shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         return routed + shared
 
+    # ----------------------------------------------------------------------------------- sharding
+    def shard(self, rank: int) -> None:
+        """Keep only the expert slots ``rank`` owns (``placement.slot_rank``; they must be one contiguous
+        block, as ``planner.initial_placement`` numbers them) and free the others' weights. The
+        placement tables stay global. Irreversible: the other slots now live on their owners."""
+        owned = torch.nonzero(self.placement.slot_rank == rank).flatten().tolist()
+        if not owned:
+            raise ValueError(f"rank {rank} owns no slot of this layer (world_size {self.placement.world_size})")
+        if owned != list(range(owned[0], owned[-1] + 1)):
+            raise ValueError(f"rank {rank}'s slots {owned} are not one contiguous block; number slots rank by rank")
+        self.experts.keep(range(owned[0], owned[-1] + 1))
+
     # ----------------------------------------------------------------------------------- statistics
     def read_load(self, reset: bool = False) -> torch.Tensor:
         """[E] tokens routed to each logical expert since the last reset (a copy)."""
@@ -269,15 +290,16 @@ class ResilientMoE(nn.Module):
             "replica_bytes": replicas * per_slot,
             "spare_bytes": spares * per_slot,
             "overhead": (replicas + spares) * per_slot / base,
+            "held_bytes": len(self.experts.held) * per_slot,  # on this rank
         }
 
     # ----------------------------------------------------------------------------------- placement edits
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [2I, H], w2 [H, I]) of a live replica of ``expert`` (views, not copies)."""
-        slots = self.placement.slots_of(expert)
+        slots = [s for s in self.placement.slots_of(expert) if self.experts.holds(s)]
         if not slots:
-            raise PlacementError(f"expert {expert} has no live replica")
-        return self.experts.w13[slots[0]], self.experts.w2[slots[0]]
+            raise PlacementError(f"expert {expert} has no live replica on this rank")
+        return self.experts.w13[self.experts.row(slots[0])], self.experts.w2[self.experts.row(slots[0])]
 
     @torch.no_grad()
     def load_logical_weights(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
@@ -288,10 +310,11 @@ class ResilientMoE(nn.Module):
             raise ValueError(
                 f"logical expert weights w13 {list(w13.shape)}, w2 {list(w2.shape)}; expected {list(want13)}, {list(want2)}"
             )
-        held = torch.nonzero(self.placement.phy2log >= 0).flatten()
-        experts_of = self.placement.phy2log[held]
-        self.experts.w13[held] = w13.to(self.experts.w13)[experts_of]
-        self.experts.w2[held] = w2.to(self.experts.w2)[experts_of]
+        slots = self.experts.held
+        experts_of = self.placement.phy2log[slots.start:slots.stop]
+        rows = torch.nonzero(experts_of >= 0).flatten()
+        self.experts.w13[rows] = w13.to(self.experts.w13)[experts_of[rows]]
+        self.experts.w2[rows] = w2.to(self.experts.w2)[experts_of[rows]]
 
     def add_replica(self, expert: int, slot: int, src_slot: int | None = None) -> None:
         """Copy ``expert`` from a live replica (``src_slot``, default its first) into ``slot``, then route to it."""
@@ -301,6 +324,8 @@ class ResilientMoE(nn.Module):
             return
         if src_slot not in self.placement.slots_of(expert):
             raise PlacementError(f"slot {src_slot} is not a live replica of expert {expert}")
+        if self.experts.holds(slot):
+            self.experts.row(src_slot)  # a copy from another rank's slot needs peer transfer
         self._edit(slot, expert, lambda: self.experts.copy_slot(slot, src_slot))
 
     def move_expert(self, expert: int, dst_slot: int, src_slot: int | None = None) -> None:
@@ -312,6 +337,8 @@ class ResilientMoE(nn.Module):
             raise PlacementError(f"slot {src} does not hold expert {expert}")
         if src == dst_slot:
             raise PlacementError(f"cannot move expert {expert} onto its own slot {src}")
+        if self.experts.holds(dst_slot):
+            self.experts.row(src)  # a copy from another rank's slot needs peer transfer
         self._edit(dst_slot, expert, lambda: self.experts.copy_slot(dst_slot, src), vacate=src)
 
     def load_expert(self, expert: int, slot: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
@@ -326,11 +353,12 @@ class ResilientMoE(nn.Module):
     def write_expert(self, expert: int, slot: int, writer) -> None:
         """Let ``writer(w13 [2I, H], w2 [H, I])`` write ``expert``'s weights into ``slot``'s views in
         place, then route to it. If ``writer`` raises, ``slot`` stays out of routing."""
-        self._edit(slot, expert, lambda: writer(self.experts.w13.detach()[slot], self.experts.w2.detach()[slot]))
+        self._edit(slot, expert, lambda: writer(*self.experts.slot_weights(slot)))
 
     def _edit(self, slot: int, expert: int, write, vacate: int | None = None) -> None:
-        """Validate the final placement, take ``slot`` out of routing, write its weights, then flip
-        the placement (``slot`` -> ``expert``, ``vacate`` -> empty) in one commit."""
+        """Validate the final placement, take ``slot`` out of routing, write its weights (if this rank
+        holds the slot: under expert parallelism its owner writes), then flip the placement (``slot`` ->
+        ``expert``, ``vacate`` -> empty) in one commit."""
         p = self.placement
         if self.config.static_placement:
             raise PlacementError("this layer was built with static_placement=True; its placement is constant")
@@ -347,13 +375,16 @@ class ResilientMoE(nn.Module):
         derived = p._derive(final, active, uncovered_before)  # the final state, validated once
         if int(p.phy2log[slot]) >= 0:
             p.clear(slot, allow_uncovered=True)
-        write()
+        if self.experts.holds(slot):
+            write()
         p._commit(final, active, uncovered_before, derived)
 
     # ----------------------------------------------------------------------------------- training
     @torch.no_grad()
     def reduce_replica_grads(self) -> None:
         """Give every replica the summed gradient of its logical expert, so replicas stay identical."""
+        if self.experts.sharded:
+            raise RuntimeError("replica gradients of a sharded layer span ranks: sum them across its group")
         held = torch.nonzero(self.placement.phy2log >= 0).flatten()
         experts_of = self.placement.phy2log[held]
         for param in (self.experts.w13, self.experts.w2):

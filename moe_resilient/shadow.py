@@ -102,8 +102,8 @@ def logical_expert_weights(layer: ResilientMoE) -> tuple[torch.Tensor, torch.Ten
     missing = [e for e in range(layer.config.num_experts) if e not in first]
     if missing:
         raise ShadowStoreError(f"experts {missing} are held by no slot; nothing to export")
-    slots = [first[e] for e in range(layer.config.num_experts)]
-    return layer.experts.w13.detach()[slots], layer.experts.w2.detach()[slots]
+    rows = [layer.experts.row(first[e]) for e in range(layer.config.num_experts)]  # held here: export before sharding
+    return layer.experts.w13.detach()[rows], layer.experts.w2.detach()[rows]
 
 
 def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:

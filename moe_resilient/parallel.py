@@ -1,0 +1,45 @@
+"""Expert parallelism for a whole model in one call: ``parallelize(model, group)``.
+
+After it, every ResilientMoE layer of ``model`` holds only the expert slots its rank owns, and its own
+forward is expert-parallel (route -> dispatch -> local experts -> combine, dispatch.py), so
+``model(x)``, a training step and ``model.generate()`` run unchanged on every rank, each on its own
+tokens. A peer lost mid-forward raises RankFailure; ``elastic.recover_across_ranks`` repairs every
+layer alike, and the step is re-run.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moe_resilient.dispatch import ep_forward
+from moe_resilient.group import ElasticGroup
+from moe_resilient.layer import ResilientMoE
+from moe_resilient.shadow import resilient_layers
+
+
+def parallelize(model: nn.Module, group: ElasticGroup, *, compiled: bool = False) -> dict[str, ResilientMoE]:
+    """Shard every ResilientMoE layer of ``model`` to ``group.rank``'s slots and route its forward
+    through ``group``. ``compiled``: the compute between the collectives runs as compiled graphs
+    (``dispatch.compiled_stages``: no recompile on a batch size, membership or placement change).
+    Every layer's placement must span ``group.world_size`` ranks with each rank's slots contiguous.
+    Checks every layer before it changes any; returns the layers by name."""
+    layers = resilient_layers(model)
+    if not layers:
+        raise ValueError("the model holds no ResilientMoE layer (swap its MoE blocks first: hf.swap_moe_blocks)")
+    for name, layer in layers.items():
+        if layer.placement.world_size != group.world_size:
+            raise ValueError(f"layer {name} is placed over {layer.placement.world_size} ranks, the group has "
+                             f"{group.world_size}")
+        if layer.experts.sharded:
+            raise ValueError(f"layer {name} is already sharded")
+        owned = (layer.placement.slot_rank == group.rank).nonzero().flatten().tolist()
+        if not owned or owned != list(range(owned[0], owned[-1] + 1)):
+            raise ValueError(f"layer {name}: rank {group.rank}'s slots {owned} are not one contiguous block")
+
+    def forward(layer: ResilientMoE, x):
+        return ep_forward(layer, x, group, compiled=compiled, return_router_logits=True)
+
+    for layer in layers.values():
+        layer.shard(group.rank)
+        layer.expert_parallel = forward
+    return layers
