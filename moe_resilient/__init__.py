@@ -14,6 +14,7 @@ _LAZY = {
     "Topology": "planner",
     "RecoveryReport": "recovery", "memory_report": "recovery", "recover": "recovery",
     "ShadowStore": "shadow", "ShadowStoreError": "shadow",
+    "parallelize": "parallel",
 }
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "TopKRouter",
     "load_routing_state",
     "memory_report",
+    "parallelize",
     "recover",
     "save_routing_state",
 ]
