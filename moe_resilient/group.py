@@ -113,7 +113,7 @@ class ElasticGroup(Collectives):
         *,
         timeout: float = 30.0,
         heartbeat_interval: float = 0.02,
-        heartbeat_timeout: float = 0.15,
+        heartbeat_timeout: float = 0.12,
         agree_timeout: float = 5.0,
         start_timeout: float = 60.0,
         join_timeout: float = 120.0,
@@ -126,7 +126,7 @@ class ElasticGroup(Collectives):
                              f"{heartbeat_timeout})")
         self.rank, self.world_size = rank, world_size
         self.timeout, self.heartbeat_interval = timeout, heartbeat_interval
-        self.poll_interval = min(2 * heartbeat_interval, heartbeat_timeout / 4)
+        self.poll_interval = min(1.5 * heartbeat_interval, heartbeat_timeout / 4)
         self.heartbeat_timeout, self.agree_timeout = heartbeat_timeout, agree_timeout
         self.start_timeout, self.join_timeout = start_timeout, join_timeout
         self._host, self._port, self._prefix = host, port, prefix
