@@ -231,7 +231,9 @@ class ElasticGroup(Collectives):
         wait for a member that died mid-connect for its whole deadline. Raises once one is known dead
         or stalled (the builder thread fails on its own later; nothing uses its group)."""
         built = {}
-        pg_store = dist.PrefixStore(f"gen/{g}/pg/", self.store)
+        # its own store connection: one client serialises its requests, and a rendezvous waiting for a
+        # dead member's address would hold every other store call of this rank behind it
+        pg_store = dist.PrefixStore(f"gen/{g}/pg/", self._connect())
 
         def build():
             try:  # gloo's own deadline (connecting, and each operation) stays above ours: _wait decides

@@ -9,6 +9,7 @@ layer alike, and the step is re-run.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from moe_resilient.dispatch import ep_forward
@@ -36,6 +37,9 @@ def parallelize(model: nn.Module, group: ElasticGroup, *, compiled: bool = False
         if not owned or owned != list(range(owned[0], owned[-1] + 1)):
             raise ValueError(f"layer {name}: rank {group.rank}'s slots {owned} are not one contiguous block")
 
+    # Outside any enclosing torch.compile graph: the collectives are Python (a graph break anyway), and
+    # with ``compiled`` the compute between them runs as dispatch's own compiled stages.
+    @torch.compiler.disable
     def forward(layer: ResilientMoE, x):
         return ep_forward(layer, x, group, compiled=compiled, return_router_logits=True)
 

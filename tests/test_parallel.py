@@ -59,3 +59,81 @@ def test_sharded_layer_refuses_what_needs_other_ranks_slots():
     assert int(layer.placement.phy2log[3]) == 3
     held = (layer.experts.w13.numel() + layer.experts.w2.numel()) * layer.experts.w13.element_size()
     assert layer.memory_overhead()["held_bytes"] == held  # 4 of the 8 slots
+
+
+COMPILED = """
+import json, os, signal, sys
+import numpy as np
+import torch
+import torch._dynamo
+from torch import nn
+from moe_resilient import MoEConfig, ResilientMoE, ShadowStore, planner
+from moe_resilient.elastic import recover_across_ranks
+from moe_resilient.group import ElasticGroup, RankFailure
+from moe_resilient.parallel import parallelize
+
+W, SPR = 4, 4
+
+
+def build():
+    torch.manual_seed(0)
+    plan, slot_rank = planner.initial_placement(np.ones(8), planner.Topology(W, W), SPR)
+    cfg = MoEConfig(32, 64, 8, 2, num_slots=W * SPR, world_size=W)
+    return nn.Sequential(*[ResilientMoE(cfg, phy2log=plan.phy2log, slot_rank=slot_rank) for _ in range(2)]).eval()
+
+
+model = build()
+rank = int(os.environ["RANK"])
+xs = {n: torch.randn(n, 32, generator=torch.Generator().manual_seed(10 * rank + n)) for n in (0, 1, 5, 9)}
+with torch.no_grad():
+    want = {n: model(x) for n, x in xs.items()}
+group = ElasticGroup.from_env(timeout=20.0).start()
+parallelize(model, group, compiled=True)
+serve = torch.compile(model)
+errs = {}
+with torch.no_grad():
+    serve(xs[5])  # compiles here, every rank alike
+    torch._dynamo.config.error_on_recompile = True
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    for n in (0, 1, 5, 9):
+        errs[f"batch {n}"] = float((serve(xs[n]) - want[n]).abs().max()) if n else float(serve(xs[n]).numel())
+    if rank == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    while True:
+        try:
+            got = serve(xs[9])
+            break
+        except RankFailure:
+            recover_across_ranks(model, group, step=0, shadow=ShadowStore.open(sys.argv[2]), shadow_current=True)
+    errs["after loss"] = float((got - want[9]).abs().max())
+    layer = model[0]  # a placement edit on every survivor alike: a spare slot of rank 0 gets a replica
+    spare = next(s for s in layer.placement.spare_slots() if int(layer.placement.slot_rank[s]) == 0)
+    expert = next(e for e in range(8) if any(layer.experts.holds(s) for s in layer.placement.slots_of(e)))
+    src = next(s for s in layer.placement.slots_of(expert) if layer.experts.holds(s)) if rank == 0 else None
+    layer.add_replica(expert, spare, src_slot=src if rank == 0 else layer.placement.slots_of(expert)[0])
+    errs["after edit"] = float((serve(xs[9]) - want[9]).abs().max())
+    errs["same addresses"] = float(ptrs == [p.data_ptr() for p in model.parameters()])
+json.dump(errs, open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w"))
+group.finish()
+os._exit(0)
+"""
+
+
+def test_compiled_model_under_ep_never_recompiles(tmp_path):
+    """torch.compile(model) after parallelize(compiled=True): batches of 0, 1, 5 and 9 rows, a lost rank
+    and a placement edit, with error_on_recompile set after the first call; outputs equal the
+    single-process model's and no parameter moves."""
+    script = tmp_path / "compiled.py"
+    script.write_text(COMPILED)
+    shadow = str(tmp_path / "shadow")
+    namespace = {}
+    exec(COMPILED.split("model = build()")[0], namespace)  # the same build(), for the shadow store
+    ShadowStore.export(namespace["build"](), shadow)
+    with Launcher(W, [sys.executable, str(script), str(tmp_path), shadow], log_dir=str(tmp_path / "logs")) as launcher:
+        codes = launcher.wait(300)
+    logs = {r: open(tmp_path / "logs" / f"rank{r}.log").read()[-3000:] for r in range(W)}
+    assert codes == {0: 0, 1: 0, 2: 0, 3: -signal.SIGKILL}, (codes, logs)
+    for r in range(3):
+        errs = json.load(open(tmp_path / f"rank{r}.json"))
+        assert errs.pop("batch 0") == 0.0 and errs.pop("same addresses") == 1.0, errs
+        assert all(v < 1e-4 for v in errs.values()), errs
