@@ -21,10 +21,10 @@ import time
 
 import pytest
 
-from moe_resilient.drill import DrillModel, read_records
+from moe_resilient.drill import DrillModel
 from moe_resilient.launch import Launcher
 from moe_resilient.shadow import ShadowStore
-from test_faults import check_outputs
+from drill_helpers import check_outputs, records, wait_for
 
 W, SPR, TOKENS = 4, 4, 8
 ROUNDS = 5
@@ -33,24 +33,11 @@ ROUNDS = 5
 GAP_BOUND = 15.0
 
 
-def _records(out, rank):
-    return read_records(os.path.join(out, f"rank{rank}.jsonl"))
-
-
-def _wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.005)
-    raise TimeoutError(f"chaos: timed out waiting for {what}")
-
-
 def _full_and_serving(out, since):
     """Every rank has served a step that began after ``since``, all in the same generation."""
     latest = []
     for r in range(W):
-        served = [x for x in _records(out, r) if "batch_of" in x and not x.get("makeup")]
+        served = [x for x in records(out, r) if "batch_of" in x and not x.get("makeup")]
         if not served or served[-1]["t0"] <= since:
             return False
         latest.append(served[-1]["gen"])
@@ -75,7 +62,7 @@ def run_chaos(tmp_path, seed, rounds):
             signalled.add(launcher.pid(rank))
             launcher.kill(rank, sig)
 
-        _wait_for(lambda: _full_and_serving(out, 0.0), 120, "the ranks to start serving")
+        wait_for(lambda: _full_and_serving(out, 0.0), 120, "the ranks to start serving")
         for _ in range(rounds):
             kind = rng.choice(["kill", "two", "during-recovery", "hang", "joiner"])
             a, b = rng.sample(range(W), 2)
@@ -96,12 +83,12 @@ def run_chaos(tmp_path, seed, rounds):
             else:  # the replacement dies while it starts, joins or is admitted
                 old = launcher.pid(a)
                 hit(a, signal.SIGKILL)
-                _wait_for(lambda: launcher.pid(a) != old, 30, f"rank {a}'s replacement")
+                wait_for(lambda: launcher.pid(a) != old, 30, f"rank {a}'s replacement")
                 time.sleep(rng.uniform(0.0, 3.0))
                 hit(a, signal.SIGKILL)
             t_round = time.time()
-            _wait_for(lambda: _full_and_serving(out, t_round), 180, f"the group to be full after {schedule[-1]}")
-        served = max(x["step"] for r in range(W) for x in _records(out, r) if "batch_of" in x)
+            wait_for(lambda: _full_and_serving(out, t_round), 180, f"the group to be full after {schedule[-1]}")
+        served = max(x["step"] for r in range(W) for x in records(out, r) if "batch_of" in x)
         with open(stop_file + ".tmp", "w") as f:
             f.write(str(served + 20))
         os.replace(stop_file + ".tmp", stop_file)
@@ -115,7 +102,7 @@ def run_chaos(tmp_path, seed, rounds):
 def check_invariants(out, reference):
     # every output equals the reference's
     assert check_outputs(out, reference, TOKENS) > 0
-    recs = [x for r in range(W) for x in _records(out, r)]
+    recs = [x for r in range(W) for x in records(out, r)]
     served = {(x["step"], x["batch_of"]) for x in recs if "batch_of" in x}
     # a rank is absent from the step after the earliest step a failure met it at, until it is admitted back
     lost_at = {}  # (rank, generation of the failure) -> earliest step

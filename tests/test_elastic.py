@@ -7,12 +7,12 @@ import json
 import os
 import signal
 import sys
-import time
 
 import pytest
 import torch
 
-from moe_resilient.drill import DrillModel, make_batch, read_records
+from drill_helpers import records, wait_for
+from moe_resilient.drill import DrillModel, make_batch
 from moe_resilient.group import ElasticGroup
 from moe_resilient.launch import Launcher
 from moe_resilient.shadow import ShadowStore
@@ -30,21 +30,8 @@ def roomy_reference():  # 4 slots per rank: two ranks lost still leave a slot fo
     return DrillModel(W, SPR + 1, seed=0).eval()
 
 
-def _records(out_dir, rank):
-    return read_records(os.path.join(out_dir, f"rank{rank}.jsonl"))
-
-
 def _served(out_dir, rank):
-    return [r for r in _records(out_dir, rank) if "batch_of" in r]
-
-
-def _wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"timed out waiting for {what}")
+    return [r for r in records(out_dir, rank) if "batch_of" in r]
 
 
 def _drill(tmp_path, reference, *, steps=10, extra=(), respawn=False, heartbeat_timeout=1.0, spr=SPR):
@@ -75,12 +62,12 @@ def _log(tmp_path, rank):
 def test_sigkill_one_rank_survivors_continue(tmp_path, reference, victim, compiled):
     launcher, out = _drill(tmp_path, reference, steps=10, extra=["--compile"] if compiled else [])
     with launcher:
-        _wait_for(lambda: len(_served(out, victim)) >= 4, 120, "4 steps served")
+        wait_for(lambda: len(_served(out, victim)) >= 4, 120, "4 steps served")
         t_kill = launcher.kill(victim, signal.SIGKILL)
         codes = launcher.wait(120)
     survivors = [r for r in range(W) if r != victim]
     assert codes[victim] == -signal.SIGKILL and all(codes[r] == 0 for r in survivors), codes
-    failures = {r: [x for x in _records(out, r) if x.get("event") == "failure"] for r in survivors}
+    failures = {r: [x for x in records(out, r) if x.get("event") == "failure"] for r in survivors}
     assert all(len(f) == 1 and f[0]["lost"] == [victim] for f in failures.values()), failures
     assert all(f[0]["uncovered"] == {"moe.0": [], "moe.1": []} for f in failures.values())
     lost_step = failures[survivors[0]][0]["step"]
@@ -92,24 +79,24 @@ def test_sigkill_one_rank_survivors_continue(tmp_path, reference, victim, compil
     detect = min(f[0]["t_detect"] for f in failures.values()) - t_kill
     assert 0 < detect < 10  # sanity only: speed is measured by the drill, not asserted here
     if compiled:  # the three stages, compiled once before serving; nothing after, recovery included
-        graphs = {r: [x["graphs"] for x in _records(out, r) if "graphs" in x] for r in survivors}
+        graphs = {r: [x["graphs"] for x in records(out, r) if "graphs" in x] for r in survivors}
         assert all(g == [3, 3] for g in graphs.values()), graphs
 
 
 def test_hung_rank_is_fenced_and_survivors_continue(tmp_path, reference):
     launcher, out = _drill(tmp_path, reference, steps=12, heartbeat_timeout=0.5)
     with launcher:
-        _wait_for(lambda: len(_served(out, 1)) >= 3, 120, "3 steps served")
+        wait_for(lambda: len(_served(out, 1)) >= 3, 120, "3 steps served")
         launcher.kill(1, signal.SIGSTOP)
-        _wait_for(lambda: all(any(x.get("event") == "failure" for x in _records(out, r)) for r in (0, 2, 3)), 60,
+        wait_for(lambda: all(any(x.get("event") == "failure" for x in records(out, r)) for r in (0, 2, 3)), 60,
                   "survivors to exclude the hung rank")
         launcher.kill(1, signal.SIGCONT)
         codes = launcher.wait(120)
     assert codes == {0: 0, 1: 3, 2: 0, 3: 0}, codes  # the stale rank exits with FencedError (code 3)
-    fenced = [x for x in _records(out, 1) if x.get("event") == "fenced"]
+    fenced = [x for x in records(out, 1) if x.get("event") == "fenced"]
     assert fenced and "presumed dead" in fenced[0]["error"]
     _check_outputs(out, reference, 12, [0, 2, 3])
-    failures = [x for r in (0, 2, 3) for x in _records(out, r) if x.get("event") == "failure"]
+    failures = [x for r in (0, 2, 3) for x in records(out, r) if x.get("event") == "failure"]
     assert all(x["lost"] == [1] for x in failures)
     # detected by its heartbeat, not by a collective deadline (10 s in the drill)
     assert any("heartbeat of ranks [1] stalled" in x["cause"] for x in failures), [x["cause"] for x in failures]
@@ -119,17 +106,17 @@ def test_two_ranks_lost_then_replacements_rejoin(tmp_path, roomy_reference):
     reference = roomy_reference
     launcher, out = _drill(tmp_path, reference, steps=12, respawn=True, extra=["--until-full"], spr=SPR + 1)
     with launcher:
-        _wait_for(lambda: len(_served(out, 3)) >= 3, 120, "3 steps served")
+        wait_for(lambda: len(_served(out, 3)) >= 3, 120, "3 steps served")
         launcher.kill(1, signal.SIGKILL)
         launcher.kill(3, signal.SIGKILL)
         codes = launcher.wait(180)
     assert codes == {0: 0, 1: 0, 2: 0, 3: 0}, (codes, launcher.exits)
-    failures = [x for x in _records(out, 0) if x.get("event") == "failure"]
+    failures = [x for x in records(out, 0) if x.get("event") == "failure"]
     assert sorted(r for f in failures for r in f["lost"]) == [1, 3]
-    admitted = [x for x in _records(out, 0) if x.get("event") == "admitted"]
+    admitted = [x for x in records(out, 0) if x.get("event") == "admitted"]
     assert sorted(r for a in admitted for r in a["ranks"]) == [1, 3]
     for r in (1, 3):  # the replacements served steps after rejoining, with their slots back
-        rejoin = [x for x in _records(out, r) if x.get("event") == "admitted"]
+        rejoin = [x for x in records(out, r) if x.get("event") == "admitted"]
         assert rejoin and any(x.get("step", -1) >= rejoin[-1]["step"] for x in _served(out, r))
     _check_outputs(out, reference, 12, [0, 2])
     for r in (1, 3):
@@ -147,12 +134,12 @@ def test_rank_lost_during_recovery_is_repaired_too(tmp_path, roomy_reference):
     reference = roomy_reference
     launcher, out = _drill(tmp_path, reference, steps=10, extra=["--die-during-recovery", "3"], spr=SPR + 1)
     with launcher:
-        _wait_for(lambda: len(_served(out, 2)) >= 4, 120, "4 steps served")
+        wait_for(lambda: len(_served(out, 2)) >= 4, 120, "4 steps served")
         launcher.kill(2, signal.SIGKILL)
         codes = launcher.wait(120)
     assert codes == {0: 0, 1: 0, 2: -signal.SIGKILL, 3: -signal.SIGKILL}, (codes, launcher.exits)
     for r in (0, 1):
-        failures = [x for x in _records(out, r) if x.get("event") == "failure"]
+        failures = [x for x in records(out, r) if x.get("event") == "failure"]
         assert [f["lost"] for f in failures] == [[2], [3]], failures
         assert failures[-1]["uncovered"] == {"moe.0": [], "moe.1": []}
     lost_at = {f["lost"][0]: f["step"] for f in failures}

@@ -1,7 +1,6 @@
 """Faults that once killed every survivor: a hung rank that wakes during agreement. Real processes
 under the launcher, outputs checked against a single-process reference."""
 
-import glob
 import os
 import random
 import signal
@@ -9,9 +8,9 @@ import sys
 import time
 
 import pytest
-import torch
 
-from moe_resilient.drill import DrillModel, make_batch, read_records
+from drill_helpers import check_outputs, records, wait_for
+from moe_resilient.drill import DrillModel
 from moe_resilient.launch import STORE_PREFIX, Launcher
 from moe_resilient.shadow import ShadowStore
 
@@ -21,30 +20,6 @@ W, SPR, TOKENS = 4, 3, 16
 @pytest.fixture(scope="module")
 def reference():
     return DrillModel(W, SPR, seed=0).eval()
-
-
-def _records(out, rank):
-    return read_records(os.path.join(out, f"rank{rank}.jsonl"))
-
-
-def _wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.0005)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
-def check_outputs(out, reference, tokens=TOKENS):
-    """Every saved output equals the single-process model's for its (step, batch)."""
-    paths = glob.glob(os.path.join(out, "out_s*_b*.pt"))
-    with torch.no_grad():
-        for path in paths:
-            step, batch = (int(p[1:]) for p in os.path.basename(path)[:-3].split("_")[1:])
-            torch.testing.assert_close(torch.load(path), reference(make_batch(step, batch, tokens)), rtol=1e-5,
-                                       atol=1e-5, msg=path)
-    return len(paths)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -61,18 +36,18 @@ def test_hung_rank_woken_during_agreement_is_taken_back_or_fenced(tmp_path, refe
            "--steps", str(steps), "--tokens", str(TOKENS), "--slots-per-rank", str(SPR), "--save-outputs", "--step-sleep", "0.02",
            "--until-full", "--after-full", "3"]
     with Launcher(W, cmd, respawn=True, log_dir=str(tmp_path / "logs")) as launcher:
-        _wait_for(lambda: sum("batch_of" in x for x in _records(out, 1)) >= 3, 120, "3 steps served")
+        wait_for(lambda: sum("batch_of" in x for x in records(out, 1)) >= 3, 120, "3 steps served")
         launcher.kill(1, signal.SIGSTOP)
         bits = f"{STORE_PREFIX}gen/0/checkin_bits"
-        _wait_for(lambda: int(launcher.store.add(bits, 0)), 30, "a survivor to check in")
+        wait_for(lambda: int(launcher.store.add(bits, 0)), 30, "a survivor to check in")
         time.sleep(delay)
         launcher.kill(1, signal.SIGCONT)
         codes = launcher.wait(120)
     assert codes == {0: 0, 1: 0, 2: 0, 3: 0}, (codes, launcher.exits)
     assert all(r == 1 for r, rc, _ in launcher.exits if rc != 0), launcher.exits  # only the woken rank fell
     for r in (0, 2, 3):  # no survivor lost a batch
-        served = {x["step"] for x in _records(out, r) if x.get("batch_of") == r}
+        served = {x["step"] for x in records(out, r) if x.get("batch_of") == r}
         assert served >= set(range(steps)), (r, sorted(served))
-        failures = [x for x in _records(out, r) if x.get("event") == "failure"]
+        failures = [x for x in records(out, r) if x.get("event") == "failure"]
         assert failures and all(f["lost"] in ([], [1]) for f in failures), failures
-    assert check_outputs(out, reference) >= 3 * steps
+    assert check_outputs(out, reference, TOKENS) >= 3 * steps
