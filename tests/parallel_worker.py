@@ -58,7 +58,10 @@ if __name__ == "__main__":
         result["logits_err"] = float((model(ids).logits - want_logits).abs().max())
         result["tokens_equal"] = bool(torch.equal(model.generate(ids, max_new_tokens=4, min_new_tokens=4,
                                                                  do_sample=False), want_tokens))
+        # through the store, not a collective: a collective can complete on the victim before its peers
+        group.store.set(f"served/{rank}", "1")
         if rank == victim:
+            group.store.wait([f"served/{r}" for r in range(W)])
             os.kill(os.getpid(), signal.SIGKILL)
         while True:
             try:
