@@ -14,7 +14,7 @@ _LAZY = {
     "Topology": "planner",
     "RecoveryReport": "recovery", "memory_report": "recovery", "recover": "recovery",
     "ShadowStore": "shadow", "ShadowStoreError": "shadow",
-    "parallelize": "parallel",
+    "parallelize": "parallel", "StepRunner": "parallel",
 }
 
 
@@ -32,6 +32,7 @@ __all__ = [
     "ResilientMoE",
     "ShadowStore",
     "ShadowStoreError",
+    "StepRunner",
     "Topology",
     "TopKRouter",
     "load_routing_state",

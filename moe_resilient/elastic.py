@@ -100,7 +100,7 @@ def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | N
         if bad:
             raise PlacementMismatchError(f"ranks disagree on the placement of layers {bad} (generation {g})")
         if joiners:
-            _readmit(layers, posted[min(members)]["placement"], joiners, shadow, group.rank, topology)
+            _readmit(layers, posted[min(members)]["placement"], joiners, shadow, group.rank, topology, joining)
         else:
             load = {name: torch.tensor([sum(p["load"][i][e] for p in members.values()) for e in range(
                 layer.config.num_experts)]) for i, (name, layer) in enumerate(layers.items())} if lost else None
@@ -116,9 +116,11 @@ def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | N
 
 
 def _readmit(layers: dict[str, ResilientMoE], placements: list, joiners: list[int], shadow: ShadowStore | None,
-             rank: int, topology: planner.Topology) -> None:
+             rank: int, topology: planner.Topology, joining: bool) -> None:
     """Adopt ``placements`` ([phy2log, active] per layer, from the previous generation), then give the
-    joiners slots back; each target slot's owner loads its weights from ``shadow``."""
+    joiners slots back; each target slot's owner loads its weights from ``shadow``. A joining rank
+    loads every slot it owns that the new placement routes to: what its fresh process holds there need
+    not be the expert the group's placement names."""
     if shadow is None:
         raise ValueError("readmitting replacements needs the shadow store to load their experts from")
     for (name, layer), (phy2log, active) in zip(layers.items(), placements):
@@ -128,9 +130,12 @@ def _readmit(layers: dict[str, ResilientMoE], placements: list, joiners: list[in
                                     np.ones(layer.config.num_experts), topology)
         # every target slot is out of routing until the single commit below (a joiner's slot is on
         # a dead rank, any other is spare), so owners write weights first, then all flip at once
-        for target, expert, _, _ in plan.copies.tolist():
-            if int(p.slot_rank[target]) == rank:
-                layer.experts.write_slot(target, *shadow.read_expert(name, expert))
+        targets = {int(t): int(e) for t, e, _, _ in plan.copies.tolist() if int(p.slot_rank[t]) == rank}
+        if joining:
+            targets.update({s: int(e) for s, e in enumerate(plan.phy2log.tolist()) if e >= 0
+                            and int(p.slot_rank[s]) == rank})
+        for target, expert in sorted(targets.items()):
+            layer.experts.write_slot(target, *shadow.read_expert(name, expert))
         now_active = p.active.clone()
         now_active[joiners] = True
         p.set_state(plan.phy2log, now_active, allow_uncovered=True)  # may still be short

@@ -86,6 +86,24 @@ def _retire(pg, delay: float = 1.0) -> None:
     threading.Thread(target=run, name="elastic-retire-pg", daemon=True).start()
 
 
+class _StoreBarrier:
+    """A count of members reached in the store, shaped like a gloo work for ``_wait``."""
+
+    def __init__(self, store: dist.Store, key: str, members: int):
+        self.store, self.key, self.members = store, key, members
+        store.add(key, 1)
+
+    def is_completed(self) -> bool:
+        return int(self.store.add(self.key, 0)) >= self.members
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
+        while not self.is_completed():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.key}: not every member has arrived")
+            time.sleep(0.0002)
+
+
 def _timedelta(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
@@ -345,6 +363,14 @@ class ElasticGroup(Collectives):
                 )
             if reason:
                 raise TimeoutError(f"{reason} (waited {now - start:.3f} s)")
+
+    def commit(self, name: str) -> None:
+        """A barrier over the store that succeeds on every member or on none: each member counts itself
+        in, and it completes once all have. A member lost before it counted in makes every member
+        raise RankFailure (a step's results are then released nowhere, and re-run everywhere); one lost
+        after it counted in lets the commit succeed everywhere."""
+        key = f"gen/{self.generation}/commit/{name}"
+        self._run(lambda pg: _StoreBarrier(self.store, key, len(self.members)))
 
     # ----------------------------------------------------------------------------------- agreement
     def _agree(self, stall: Stall | None = None) -> list[int]:

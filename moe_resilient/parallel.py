@@ -3,8 +3,8 @@
 After it, every ResilientMoE layer of ``model`` holds only the expert slots its rank owns, and its own
 forward is expert-parallel (route -> dispatch -> local experts -> combine, dispatch.py), so
 ``model(x)``, a training step and ``model.generate()`` run unchanged on every rank, each on its own
-tokens. A peer lost mid-forward raises RankFailure; ``elastic.recover_across_ranks`` repairs every
-layer alike, and the step is re-run.
+tokens. A peer lost mid-forward raises RankFailure; ``StepRunner`` repairs every layer alike and
+re-runs the step, and admits replacements at step boundaries.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from moe_resilient.dispatch import ep_forward
-from moe_resilient.group import ElasticGroup
+from moe_resilient.elastic import MembershipChange, recover_across_ranks
+from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.layer import ResilientMoE
 from moe_resilient.shadow import resilient_layers
 
@@ -47,3 +48,43 @@ def parallelize(model: nn.Module, group: ElasticGroup, *, compiled: bool = False
         layer.shard(group.rank)
         layer.expert_parallel = forward
     return layers
+
+
+class StepRunner:
+    """Runs each step of a loop through failures: ``out = runner(fn, *args)`` on every member, once per
+    step. A RankFailure anywhere in ``fn`` (any layer, forward or backward) repairs every layer alike
+    (``elastic.recover_across_ranks``) and re-runs ``fn``. A step ends with ``group.commit``, which
+    succeeds on every member or on none, so every member releases each step's result exactly once and
+    all stand at the same step. Replacements are admitted at step boundaries; on a replacement the
+    runner takes the members' placement and step when it is built. ``recover_kwargs`` go to
+    ``recover`` (``shadow_current=True`` when serving fixed weights). ``changes``: every membership
+    change it applied."""
+
+    def __init__(self, model: nn.Module, group: ElasticGroup, *, shadow=None, **recover_kwargs):
+        self.model, self.group, self.shadow, self.recover_kwargs = model, group, shadow, recover_kwargs
+        self.step = 0
+        self.changes: list[MembershipChange] = []
+        if group.joined:
+            self.step = self._catch_up(None).step or 0
+
+    def _catch_up(self, step: int | None) -> MembershipChange:
+        change = recover_across_ranks(self.model, self.group, step=step, shadow=self.shadow, **self.recover_kwargs)
+        self.changes.append(change)
+        return change
+
+    def __call__(self, fn, *args, **kwargs):
+        while True:
+            try:
+                out = fn(*args, **kwargs)
+                self.group.commit(f"step{self.step}")
+                break
+            except RankFailure:
+                self._catch_up(self.step)
+        self.step += 1
+        while True:
+            try:
+                if self.group.step_boundary():
+                    self._catch_up(self.step)
+                return out
+            except RankFailure:
+                self._catch_up(self.step)

@@ -255,6 +255,9 @@ from moe_resilient.group import ElasticGroup, RankFailure
 group = ElasticGroup.from_env(timeout=10.0).start()
 layer = ResilientMoE(MoEConfig(16, 32, 4, 2, num_slots=8, world_size=4))
 group.all_reduce(torch.ones(1))
+group.store.add("warm", 1)  # every rank past the first collective before rank 3 dies (told by the store)
+while int(group.store.add("warm", 0)) < 4:
+    time.sleep(0.001)
 if group.rank == 3:
     os.kill(os.getpid(), signal.SIGKILL)
 try:

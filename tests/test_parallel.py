@@ -146,3 +146,51 @@ def test_compiled_model_under_ep_never_recompiles(tmp_path):
         errs = json.load(open(tmp_path / f"rank{r}.json"))
         assert errs.pop("batch 0") == 0.0 and errs.pop("same addresses") == 1.0, errs
         assert all(v < 1e-4 for v in errs.values()), errs
+
+
+def test_step_runner_releases_every_step_once_through_kills_and_a_rejoin(tmp_path):
+    """StepRunner over 4 ranks of an HF model, replacements respawned: rank 2 SIGKILLed mid-loop, then,
+    once its replacement serves, rank 0; every step's logits released exactly once by every process
+    that served it, each equal to the single-process model's, and the replacements serve to the end."""
+    import glob
+    import time
+
+    from parallel_worker import batch
+    from runner_worker import STEPS
+
+    shadow = str(tmp_path / "shadow")
+    reference = build("mixtral")
+    ShadowStore.export(reference, shadow)
+    cmd = [sys.executable, os.path.join(HERE, "runner_worker.py"), str(tmp_path), shadow]
+
+    def progress(rank):
+        try:
+            return int(open(tmp_path / f"progress{rank}").read() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def wait_for(pred):
+        deadline = time.monotonic() + 120
+        while not pred() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    with Launcher(W, cmd, respawn=True, log_dir=str(tmp_path / "logs")) as launcher:
+        wait_for(lambda: progress(2) >= 8)
+        launcher.kill(2, signal.SIGKILL)
+        wait_for(lambda: progress(2) > 8)  # its replacement serves: every expert has room again
+        launcher.kill(0, signal.SIGKILL)
+        codes = launcher.wait(300)
+    logs = {r: open(tmp_path / "logs" / f"rank{r}.log").read()[-2000:] for r in range(W)}
+    assert codes == {r: 0 for r in range(W)}, (codes, logs)
+    saved = [os.path.basename(p) for p in glob.glob(str(tmp_path / "rank*_step*.pt"))]
+    with torch.no_grad():
+        for name in saved:
+            rank, step = (int(p.lstrip("rankstep")) for p in name[:-3].split("_"))
+            torch.testing.assert_close(torch.load(tmp_path / name), reference(batch(rank, step)).logits, rtol=1e-4,
+                                       atol=1e-4, msg=name)
+    last = progress(1)  # every member stopped at the same step, after every rank was back
+    assert last >= STEPS and all(progress(r) == last for r in range(W))
+    for r in (1, 3):  # never hit: every step, once
+        assert {int(p.split("step")[1][:-3]) for p in saved if p.startswith(f"rank{r}_")} == set(range(last))
+    for r in (0, 2):  # hit, then replaced: served again up to the end
+        assert f"rank{r}_step{last - 1}.pt" in saved
