@@ -163,8 +163,7 @@ class ElasticGroup(Collectives):
         self._admitted = 0  # join requests admitted so far (agreed in-band)
         self._admit_target = 0
         self.last_failure_detect_s: float | None = None
-        # the generation the caller's expert placement reflects (dispatch.recover_across_ranks and
-        # readmit_across_ranks move it on)
+        # the generation the caller's expert placement reflects (elastic.recover_across_ranks moves it on)
         self.placement_generation = -1
 
     @classmethod

@@ -259,16 +259,20 @@ class ResilientMoE(nn.Module):
         return routed + shared
 
     # ----------------------------------------------------------------------------------- sharding
-    def shard(self, rank: int) -> None:
-        """Keep only the expert slots ``rank`` owns (``placement.slot_rank``; they must be one contiguous
-        block, as ``planner.initial_placement`` numbers them) and free the others' weights. The
-        placement tables stay global. Irreversible: the other slots now live on their owners."""
+    def owned_slots(self, rank: int) -> range:
+        """The slots ``rank`` owns (``placement.slot_rank``); ValueError unless they are one non-empty
+        contiguous block, as ``planner.initial_placement`` numbers them."""
         owned = torch.nonzero(self.placement.slot_rank == rank).flatten().tolist()
         if not owned:
             raise ValueError(f"rank {rank} owns no slot of this layer (world_size {self.placement.world_size})")
         if owned != list(range(owned[0], owned[-1] + 1)):
             raise ValueError(f"rank {rank}'s slots {owned} are not one contiguous block; number slots rank by rank")
-        self.experts.keep(range(owned[0], owned[-1] + 1))
+        return range(owned[0], owned[-1] + 1)
+
+    def shard(self, rank: int) -> None:
+        """Keep only the expert slots ``rank`` owns (``owned_slots``) and free the others' weights. The
+        placement tables stay global. Irreversible: the other slots now live on their owners."""
+        self.experts.keep(self.owned_slots(rank))
 
     # ----------------------------------------------------------------------------------- statistics
     def read_load(self, reset: bool = False) -> torch.Tensor:

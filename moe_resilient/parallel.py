@@ -34,9 +34,10 @@ def parallelize(model: nn.Module, group: ElasticGroup, *, compiled: bool = False
                              f"{group.world_size}")
         if layer.experts.sharded:
             raise ValueError(f"layer {name} is already sharded")
-        owned = (layer.placement.slot_rank == group.rank).nonzero().flatten().tolist()
-        if not owned or owned != list(range(owned[0], owned[-1] + 1)):
-            raise ValueError(f"layer {name}: rank {group.rank}'s slots {owned} are not one contiguous block")
+        try:
+            layer.owned_slots(group.rank)
+        except ValueError as exc:
+            raise ValueError(f"layer {name}: {exc}") from None
 
     # Outside any enclosing torch.compile graph: the collectives are Python (a graph break anyway), and
     # with ``compiled`` the compute between them runs as dispatch's own compiled stages.

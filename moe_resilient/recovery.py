@@ -231,7 +231,7 @@ def recover(
 
     Under expert parallelism every rank calls this with the same arguments and its ``local_rank``:
     the plan is deterministic and uses no rank-local input (each rank counted only its own tokens, so
-    pass ``load`` summed over ranks, as ``dispatch.recover_across_ranks`` does, or the plan assumes
+    pass ``load`` summed over ranks, as ``elastic.recover_across_ranks`` does, or the plan assumes
     uniform load), so all ranks make the same placement edits, and each rank writes weights only into
     the slots it owns (a source replica on another rank is replaced by a current shadow, which every
     rank of a host reads from the same page cache, or the copy is skipped and reported).
