@@ -68,9 +68,8 @@ import torch
 import torch._dynamo
 from torch import nn
 from moe_resilient import MoEConfig, ResilientMoE, ShadowStore, planner
-from moe_resilient.elastic import recover_across_ranks
-from moe_resilient.group import ElasticGroup, RankFailure
-from moe_resilient.parallel import parallelize
+from moe_resilient.group import ElasticGroup
+from moe_resilient.parallel import StepRunner, parallelize
 
 W, SPR = 4, 4
 
@@ -95,14 +94,14 @@ for x in xs.values():  # a batch dimension that changes every call, as a serving
 shadow = ShadowStore.open(sys.argv[2])
 
 
+# a RankFailure repairs and re-runs, also when a peer's first compile starved its heartbeat and it was
+# taken back (nobody lost); every rank ends each step together, so the placement edit below lands
+# between the same two steps everywhere
+runner = StepRunner(model, group, shadow=shadow, shadow_current=True)
+
+
 def step(x):
-    # a RankFailure repairs and re-runs: also when a peer's first compile starved its heartbeat and it
-    # was taken back (nobody lost)
-    while True:
-        try:
-            return serve(x)
-        except RankFailure:
-            recover_across_ranks(model, group, step=0, shadow=shadow, shadow_current=True)
+    return runner(serve, x)
 
 
 errs = {}
