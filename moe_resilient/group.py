@@ -87,14 +87,29 @@ def _retire(pg, delay: float = 1.0) -> None:
 
 
 class _StoreBarrier:
-    """A count of members reached in the store, shaped like a gloo work for ``_wait``."""
+    """A count of members reached in the store, shaped like a gloo work for ``_wait``. Its outcome is
+    decided once, by compare_set: the first member to see every member counted in stores "ok", the
+    first to give up (a peer died or hung) stores "fail", and every member reads the same. Without
+    it, a member counting in late could see the count complete after another had given up."""
 
     def __init__(self, store: dist.Store, key: str, members: int):
         self.store, self.key, self.members = store, key, members
         store.add(key, 1)
 
+    def _decide(self, outcome: str) -> bool:
+        won = self.store.compare_set(f"{self.key}/outcome", "", outcome)
+        return won == b"ok"
+
     def is_completed(self) -> bool:
-        return int(self.store.add(self.key, 0)) >= self.members
+        if int(self.store.add(self.key, 0)) < self.members and not self.store.check([f"{self.key}/outcome"]):
+            return False
+        if not self._decide("ok"):
+            raise RuntimeError(f"{self.key}: a member gave up on this barrier")
+        return True
+
+    def abandon(self) -> bool:
+        """Give up, unless the barrier was already decided complete: returns True if it was."""
+        return self._decide("fail")
 
     def wait(self, timeout: datetime.timedelta | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
@@ -314,13 +329,15 @@ class ElasticGroup(Collectives):
         new generation, RankFailure."""
         if self._pg is None:
             raise RuntimeError("ElasticGroup.start() has not been called")
-        stall = []  # the waiting's heartbeat watch, carried into agreement
+        stall, work = [], None  # the waiting's heartbeat watch, carried into agreement
         try:
             work = work_fn(self._pg)
             self._wait(work, stall)
         except FencedError:
             raise
         except Exception as exc:  # gloo: "Connection closed by peer"; _wait: hung peer or a peer's report
+            if isinstance(work, _StoreBarrier) and work.abandon():
+                return  # decided complete before this member gave up: it completed for everyone
             work = None  # the traceback keeps this frame: drop its hold on the old group (see _retire)
             self.last_failure_detect_s = time.monotonic()
             cause = str(exc).splitlines()[0][:160]
