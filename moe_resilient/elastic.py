@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from moe_resilient import planner
-from moe_resilient.group import ElasticGroup
+from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.layer import ResilientMoE
 from moe_resilient.recovery import RecoveryReport, recover
 from moe_resilient.shadow import ShadowStore, resilient_layers
+from moe_resilient.transfer import PeerCopy, transfer
 
 
 class PlacementMismatchError(RuntimeError):
@@ -78,15 +79,18 @@ def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | N
     replacement once ``start()`` returns. For a generation that lost members: ``recover`` with the
     members' summed load counters (this rank writes only the slots it owns). For one that admitted
     replacements: the placement of the previous generation's lowest member, then the joiners' slots
-    back by the deterministic readmission plan, each target slot's owner loading its weights from
-    ``shadow``. ``step``: where this rank stands (None on a replacement). ``carry``: any JSON value
+    back by the deterministic readmission plan, each target slot filled from a live replica (over
+    the group when it is on another rank) or from ``shadow``. ``step``: where this rank stands (None on a replacement). ``carry``: any JSON value
     (the application's own state, e.g. the work each rank had in flight) posted with the inputs;
     ``change.carried`` holds every member's, alike on every member. ``recover_kwargs`` go to
     ``recover``. With no generation to catch up on, nothing changes."""
     layers = resilient_layers(model)
     topology = topology or planner.Topology(group.world_size, group.world_size)
     change = MembershipChange()
-    for g in range(group.placement_generation + 1, group.generation + 1):
+    g = group.placement_generation
+    while g < group.generation:  # a peer transfer cut by a new failure moves the group on meanwhile
+        g += 1
+        peers = group if g == group.generation else None  # the members of an older generation may be gone
         before, now = set(group.members_of(g - 1)), set(group.members_of(g))
         lost, joiners = sorted(before - now), sorted(now - before)
         joining = group.rank in joiners
@@ -100,12 +104,13 @@ def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | N
         if bad:
             raise PlacementMismatchError(f"ranks disagree on the placement of layers {bad} (generation {g})")
         if joiners:
-            _readmit(layers, posted[min(members)]["placement"], joiners, shadow, group.rank, topology, joining)
+            change.report = _readmit(layers, posted[min(members)]["placement"], joiners, shadow, group.rank,
+                                     topology, peers)
         else:
             load = {name: torch.tensor([sum(p["load"][i][e] for p in members.values()) for e in range(
                 layer.config.num_experts)]) for i, (name, layer) in enumerate(layers.items())} if lost else None
             change.report = recover(model, lost, local_rank=group.rank, load=load, shadow=shadow, topology=topology,
-                                    **recover_kwargs)
+                                    peers=peers, **recover_kwargs)
         change.lost += lost
         change.admitted += [r for r in joiners if r not in change.admitted]
         change.member_steps = {r: p["step"] for r, p in posted.items() if p["step"] is not None}
@@ -116,26 +121,64 @@ def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | N
 
 
 def _readmit(layers: dict[str, ResilientMoE], placements: list, joiners: list[int], shadow: ShadowStore | None,
-             rank: int, topology: planner.Topology, joining: bool) -> None:
+             rank: int, topology: planner.Topology, peers: ElasticGroup | None) -> RecoveryReport:
     """Adopt ``placements`` ([phy2log, active] per layer, from the previous generation), then give the
-    joiners slots back; each target slot's owner loads its weights from ``shadow``. A joining rank
-    loads every slot it owns that the new placement routes to: what its fresh process holds there need
-    not be the expert the group's placement names."""
-    if shadow is None:
-        raise ValueError("readmitting replacements needs the shadow store to load their experts from")
+    joiners slots back by the deterministic readmission plan. Each target slot is filled from its
+    cheapest source: a replica on its own rank, a replica on another member over ``peers`` (in one
+    transfer for every layer), or ``shadow``. Targets are out of routing (a joiner's slot is on a
+    dead rank, any other is spare) until one flip per layer at the end; if the transfer fails, its
+    copies come from the shadow, or their targets stay empty without one."""
+    report = RecoveryReport([])
+    plans, local, deferred = {}, [], []
     for (name, layer), (phy2log, active) in zip(layers.items(), placements):
-        p = layer.placement
-        p.set_state(torch.tensor(phy2log), torch.tensor(active), allow_uncovered=True)
-        plan = planner.readmit_plan(p.phy2log.numpy(), p.slot_rank.numpy(), p.active.numpy(), joiners,
-                                    np.ones(layer.config.num_experts), topology)
-        # every target slot is out of routing until the single commit below (a joiner's slot is on
-        # a dead rank, any other is spare), so owners write weights first, then all flip at once
-        targets = {int(t): int(e) for t, e, _, _ in plan.copies.tolist() if int(p.slot_rank[t]) == rank}
-        if joining:
-            targets.update({s: int(e) for s, e in enumerate(plan.phy2log.tolist()) if e >= 0
-                            and int(p.slot_rank[s]) == rank})
-        for target, expert in sorted(targets.items()):
+        owner = layer.placement.slot_rank.tolist()
+        plans[name] = plan = planner.readmit_plan(phy2log, owner, active, joiners, np.ones(layer.config.num_experts),
+                                                  topology)
+        for target, expert, kind, src in plan.copies.tolist():
+            if src >= 0 and owner[src] != owner[target]:
+                if peers is not None:
+                    deferred.append((PeerCopy(name, expert, src, target), kind))
+                    continue
+                kind, src = planner.SOURCE_SHADOW_MEMORY, -1
+            if src < 0 and shadow is None:  # checked before anything changes
+                raise ValueError(f"readmitting replacements: expert {expert} of layer {name!r} has no replica "
+                                 "to copy from here; it needs the shadow store")
+            if owner[target] == rank:  # each target's owner writes it
+                local.append((name, target, expert, kind, src))
+    for (name, layer), (phy2log, active) in zip(layers.items(), placements):
+        layer.placement.set_state(torch.tensor(phy2log), torch.tensor(active), allow_uncovered=True)
+    for name, target, expert, kind, src in local:
+        layer = layers[name]
+        if src >= 0:
+            layer.experts.copy_slot(target, src)
+        else:
             layer.experts.write_slot(target, *shadow.read_expert(name, expert))
+        report.bytes_by_source[planner.SOURCE_NAMES[kind]] += layer.experts.slot_bytes
+        report.replicas_added += 1
+    failed = []
+    if deferred:
+        try:
+            received = transfer(layers, [c for c, _ in deferred], peers, "readmit")
+            report.peer_transfers = len(deferred)
+            for c, kind in deferred:
+                if c in received:
+                    report.bytes_by_source[planner.SOURCE_NAMES[kind]] += layers[c.layer].experts.slot_bytes
+            report.replicas_added += len(deferred)
+        except RankFailure:  # on every member alike: the shadow, else an empty slot
+            failed = [c for c, _ in deferred]
+    for c in failed:
+        layer = layers[c.layer]
+        if shadow is None:
+            plans[c.layer].phy2log[c.target] = -1
+            continue
+        if layer.experts.holds(c.target):
+            layer.experts.write_slot(c.target, *shadow.read_expert(c.layer, c.expert))
+            report.bytes_by_source[planner.SOURCE_NAMES[planner.SOURCE_SHADOW_MEMORY]] += layer.experts.slot_bytes
+        report.replicas_added += 1
+    for name, layer in layers.items():
+        p = layer.placement
         now_active = p.active.clone()
         now_active[joiners] = True
-        p.set_state(plan.phy2log, now_active, allow_uncovered=True)  # may still be short
+        p.set_state(plans[name].phy2log, now_active, allow_uncovered=True)  # may still be short
+    report.bytes_by_source = dict(report.bytes_by_source)
+    return report

@@ -68,6 +68,11 @@ class SlotExperts(nn.Module):
     def sharded(self) -> bool:
         return len(self.held) != self.num_slots
 
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot's weights (w13 and w2)."""
+        return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+
     def holds(self, slot: int) -> bool:
         return slot in self.held
 

@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from moe_resilient import planner
+from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.layer import ResilientMoE
 from moe_resilient.placement import PlacementError
 from moe_resilient.shadow import ShadowStore, resilient_layers
+from moe_resilient.transfer import PeerCopy, transfer
 
 _SHADOW_KINDS = (planner.SOURCE_SHADOW_MEMORY, planner.SOURCE_SHADOW_DISK)
 
@@ -49,6 +51,7 @@ class RecoveryReport:
     uncovered: dict[str, list[int]] = field(default_factory=dict)
     single_homed: dict[str, list[int]] = field(default_factory=dict)
     recompiles: int = 0
+    peer_transfers: int = 0  # redundancy copies sent between ranks over the group
     # recover_across_ranks(step=...): the step each survivor met the failure in, by rank
     member_steps: dict[int, int] = field(default_factory=dict)
 
@@ -156,41 +159,45 @@ def remap(layers: dict[str, ResilientMoE], lost: list[int], report: RecoveryRepo
 
 def restore(name: str, layer: ResilientMoE, plan: planner.Plan, uncovered: set[int], report: RecoveryReport, *,
             shadow: ShadowStore | None, shadow_current: bool, step: int | None, local_rank: int | None,
-            topology: planner.Topology) -> None:
+            topology: planner.Topology, peers: bool = False) -> list[tuple[PeerCopy, int]]:
     """Carry out ``plan``'s copies into ``layer``. A copy for an expert in ``uncovered`` (no live
-    replica) comes from the shadow; a redundancy copy from a live replica this process can read, or
-    from the shadow when ``shadow_current``, else it is skipped and reported. Under ``local_rank``
+    replica) comes from the shadow. A redundancy copy comes from the cheapest source that agrees with
+    the live replicas: a live replica this process can read (``peers``: any member's, over the group),
+    or the shadow when ``shadow_current``; with none, it is skipped and reported. Under ``local_rank``
     every rank evaluates the same conditions, so all make the same placement edits, and each writes
-    only the slots it owns."""
+    only the slots it owns. Returns the copies to run over the group, with their source kinds: their
+    targets are left unrouted until the transfer has succeeded (``recover`` runs it)."""
     p = layer.placement
-    slot_bytes = (layer.experts.w13[0].numel() + layer.experts.w2[0].numel()) * layer.experts.w13.element_size()
     owner = p.slot_rank.tolist()
+    cost = topology.seconds_per_byte
     need = set(uncovered)
-    skipped = []
+    skipped, deferred = [], []
     for target, expert, kind, src in plan.copies.tolist():
-        from_shadow = kind if kind in _SHADOW_KINDS else planner.SOURCE_SHADOW_MEMORY, -1
+        shadow_kind = kind if kind in _SHADOW_KINDS else planner.SOURCE_SHADOW_MEMORY
         if expert in need:  # coverage: the shadow is the only copy left
             if shadow is None:
                 continue  # reported as uncovered
-            kind, src = from_shadow
+            kind, src = shadow_kind, -1
         else:  # redundancy: never from a source that may disagree with the live replicas
-            live = [s for s in p.slots_of(expert) if local_rank is None or owner[s] == owner[target]]
-            if kind in _SHADOW_KINDS or src not in live:
-                if shadow is not None and shadow_current:
-                    kind, src = from_shadow
-                elif live:
-                    src = min(live, key=lambda s: (owner[s] != owner[target], s))
-                    kind = planner.peer_kind(topology, owner[src], owner[target])
-                else:
-                    skipped.append(expert)
-                    continue
+            options = [(cost[planner.peer_kind(topology, owner[s], owner[target])], s) for s in p.slots_of(expert)
+                       if local_rank is None or peers or owner[s] == owner[target]]
+            if shadow is not None and shadow_current:
+                options.append((cost[shadow_kind], -1))
+            if not options:
+                skipped.append(expert)
+                continue
+            src = min(options)[1]
+            kind = shadow_kind if src < 0 else planner.peer_kind(topology, owner[src], owner[target])
+            if local_rank is not None and src >= 0 and owner[src] != owner[target]:
+                deferred.append((PeerCopy(name, expert, src, target), kind))
+                continue
         if local_rank is not None and owner[target] != local_rank:
             p.assign(target, expert, allow_uncovered=True)  # its owner writes the weights
         elif src < 0:
             report.bytes_by_source[planner.SOURCE_NAMES[kind]] += shadow.restore(layer, name, expert, target)
         else:
             layer.add_replica(expert, target, src_slot=src)
-            report.bytes_by_source[planner.SOURCE_NAMES[kind]] += slot_bytes
+            report.bytes_by_source[planner.SOURCE_NAMES[kind]] += layer.experts.slot_bytes
         if expert in need:
             need.discard(expert)
             age = (step - shadow.step(name)) if step is not None else (0 if shadow_current else None)
@@ -201,6 +208,43 @@ def restore(name: str, layer: ResilientMoE, plan: planner.Plan, uncovered: set[i
     report.redundancy_skipped[name] = sorted(set(skipped))
     report.uncovered[name] = p.uncovered()
     report.single_homed[name] = plan.single_homed
+    return deferred
+
+
+def run_peer_copies(layers: dict[str, ResilientMoE], copies: list[tuple[PeerCopy, int]], group: ElasticGroup | None,
+                    report: RecoveryReport, *, shadow: ShadowStore | None, shadow_current: bool, name: str) -> None:
+    """Run redundancy ``copies`` ((copy, source kind)) over ``group``, then route to their targets on
+    every member. If the transfer fails (a member lost: every member sees it fail, through its commit),
+    or there is no group to run it on, each copy comes from a current shadow instead, or is skipped
+    and reported; the RankFailure is not raised, since the group has already moved on, and the next
+    catch-up repairs the new loss."""
+    if not copies:
+        return
+    received = None
+    if group is not None:
+        try:
+            received = transfer(layers, [c for c, _ in copies], group, name)
+        except RankFailure:
+            pass
+    if received is not None:
+        report.peer_transfers += len(copies)
+        for c, kind in copies:
+            if c in received:
+                report.bytes_by_source[planner.SOURCE_NAMES[kind]] += layers[c.layer].experts.slot_bytes
+            layers[c.layer].placement.assign(c.target, c.expert, allow_uncovered=True)
+            report.replicas_added += 1
+        return
+    for c, _ in copies:
+        layer = layers[c.layer]
+        if shadow is None or not shadow_current:
+            report.redundancy_skipped[c.layer] = sorted({*report.redundancy_skipped.get(c.layer, []), c.expert})
+            continue
+        if layer.experts.holds(c.target):
+            report.bytes_by_source[planner.SOURCE_NAMES[planner.SOURCE_SHADOW_MEMORY]] += shadow.restore(
+                layer, c.layer, c.expert, c.target)
+        else:
+            layer.placement.assign(c.target, c.expert, allow_uncovered=True)
+        report.replicas_added += 1
 
 
 def recover(
@@ -215,6 +259,7 @@ def recover(
     probe: torch.Tensor | None = None,
     local_rank: int | None = None,
     load: dict[str, torch.Tensor] | None = None,
+    peers: ElasticGroup | None = None,
 ) -> RecoveryReport:
     """Restore coverage of every ResilientMoE layer of ``model`` (eager or ``torch.compile``d) after
     losing ``lost_ranks`` (a rank or ranks: ints, NumPy integers or integer tensors).
@@ -233,8 +278,9 @@ def recover(
     the plan is deterministic and uses no rank-local input (each rank counted only its own tokens, so
     pass ``load`` summed over ranks, as ``elastic.recover_across_ranks`` does, or the plan assumes
     uniform load), so all ranks make the same placement edits, and each rank writes weights only into
-    the slots it owns (a source replica on another rank is replaced by a current shadow, which every
-    rank of a host reads from the same page cache, or the copy is skipped and reported).
+    the slots it owns. ``peers`` (the group, at the generation that lost ``lost_ranks``): a redundancy
+    copy whose cheapest source is a replica on another rank travels over it (``transfer.py``); without
+    it, such a copy comes from a current shadow, or is skipped and reported.
     """
     lost = as_ranks(lost_ranks)
     layers = resilient_layers(model)
@@ -256,10 +302,14 @@ def recover(
     report.phase_seconds["remap"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    deferred = []
     for name, layer in layers.items():
-        restore(name, layer, plans[name], uncovered[name], report, shadow=shadow, shadow_current=bool(shadow_current),
-                step=step, local_rank=local_rank,
-                topology=topology or planner.default_topology(layer.placement.world_size))
+        deferred += restore(name, layer, plans[name], uncovered[name], report, shadow=shadow,
+                            shadow_current=bool(shadow_current), step=step, local_rank=local_rank,
+                            topology=topology or planner.default_topology(layer.placement.world_size),
+                            peers=peers is not None)
+    run_peer_copies(layers, deferred, peers, report, shadow=shadow, shadow_current=bool(shadow_current),
+                    name="repair")
     report.phase_seconds["restore"] = time.perf_counter() - t0
 
     if probe is not None:

@@ -130,7 +130,7 @@ def test_two_ranks_lost_then_replacements_rejoin(tmp_path, roomy_reference):
 def test_rank_lost_during_recovery_is_repaired_too(tmp_path, roomy_reference):
     """Rank 3 dies while the survivors repair for rank 2 (it SIGKILLs itself on meeting the failure,
     before it posts its recovery inputs): the survivors stop waiting for it once it is known dead,
-    repair for rank 2, meet rank 3's loss in the re-run step, and repair for it in turn."""
+    repair for rank 2, meet rank 3's loss, and repair for it in turn."""
     reference = roomy_reference
     launcher, out = _drill(tmp_path, reference, steps=10, extra=["--die-during-recovery", "3"], spr=SPR + 1)
     with launcher:
@@ -140,9 +140,10 @@ def test_rank_lost_during_recovery_is_repaired_too(tmp_path, roomy_reference):
     assert codes == {0: 0, 1: 0, 2: -signal.SIGKILL, 3: -signal.SIGKILL}, (codes, launcher.exits)
     for r in (0, 1):
         failures = [x for x in records(out, r) if x.get("event") == "failure"]
-        assert [f["lost"] for f in failures] == [[2], [3]], failures
+        # rank 3's loss is met in the re-run step, or by the repair's peer transfer (one catch-up for both)
+        assert [r for f in failures for r in f["lost"]] == [2, 3], failures
         assert failures[-1]["uncovered"] == {"moe.0": [], "moe.1": []}
-    lost_at = {f["lost"][0]: f["step"] for f in failures}
+    lost_at = {r: f["step"] for f in failures for r in f["lost"]}
     makeups = {(x["step"], x["batch_of"]) for r in (0, 1) for x in _served(out, r) if x.get("makeup")}
     assert {(lost_at[2], 2), (lost_at[3], 3)} <= makeups, makeups
     _check_outputs(out, reference, 10, [0, 1])
