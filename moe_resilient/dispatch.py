@@ -124,13 +124,3 @@ def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticG
         _rows(topk_weights, slot_ids, order, sent, y_back)  # order: sent is a view of it
     out = combine_back(layer, x, topk_weights, slot_ids, sent, y_back).reshape(hidden_states.shape)
     return (out, logits) if return_router_logits else out
-
-
-def reduce_grads_across_ranks(layer: ResilientMoE, group: ElasticGroup) -> None:
-    """Training under EP: sum slot gradients over ranks (each slot's owner holds its gradient), then
-    give every replica its logical expert's summed gradient. Dense parameters (router, shared
-    expert) are replicated: their gradients are summed too."""
-    for param in layer.parameters():
-        if param.grad is not None:
-            group.all_reduce(param.grad)
-    layer.reduce_replica_grads()

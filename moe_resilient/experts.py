@@ -59,6 +59,8 @@ class SlotExperts(nn.Module):
         for w in (self.w13, self.w2):
             advise_huge_pages(w)
         self.reset_parameters()
+        self._optimizer = None
+        self.state_resets = 0  # slots whose tracked optimizer state was reset (written from outside)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.w13, std=self.hidden_size**-0.5)
@@ -101,9 +103,37 @@ class SlotExperts(nn.Module):
         """x_rows [N, H] grouped by held slot (row order), offsets [len(held)+1] -> [N, H]."""
         return ops.grouped_swiglu(x_rows, offsets, self.w13, self.w2)
 
+    # ----------------------------------------------------------------------------------- optimizer state
+    def track_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Move ``optimizer``'s per-slot state (its tensors shaped like w13 and w2, e.g. Adam's moments)
+        with the weights: a slot copied from another slot, here or on a peer, takes that slot's state;
+        one written from outside (the shadow store) starts from zero state, counted in ``state_resets``.
+        Build the optimizer after ``shard``, which replaces the parameters."""
+        self._optimizer = optimizer
+
+    def _state_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        opt = self._optimizer
+        s13, s2 = (opt.state.get(self.w13), opt.state.get(self.w2)) if opt is not None else (None, None)
+        if not s13 or not s2:
+            return []
+        return [(s13[k], s2[k]) for k in sorted(s13) if torch.is_tensor(s13[k]) and s13[k].shape == self.w13.shape
+                and torch.is_tensor(s2.get(k)) and s2[k].shape == self.w2.shape]
+
+    @property
+    def slot_state_bytes(self) -> int:
+        """Bytes of one slot's rows of the tracked optimizer state."""
+        return sum(t[0].numel() * t.element_size() for pair in self._state_pairs() for t in pair)
+
+    def slot_state(self, slot: int) -> list[torch.Tensor]:
+        """Views of ``slot``'s rows of the tracked optimizer state (per entry: w13's row, then w2's)."""
+        r = self.row(slot)
+        return [t[r] for pair in self._state_pairs() for t in pair]
+
     @torch.no_grad()
-    def write_slot(self, slot: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """Copy one expert's weights (w13 [2I, H], w2 [H, I]) into ``slot`` in place."""
+    def write_slot(self, slot: int, w13: torch.Tensor, w2: torch.Tensor, state: list[torch.Tensor] | None = None
+                   ) -> None:
+        """Copy one expert's weights (w13 [2I, H], w2 [H, I]) into ``slot`` in place, with ``state``
+        (rows as ``slot_state`` lists them) for the tracked optimizer state, else zero state."""
         if w13.shape != self.w13.shape[1:] or w2.shape != self.w2.shape[1:]:
             raise ValueError(
                 f"expert weights of shape w13 {list(w13.shape)}, w2 {list(w2.shape)} do not fit slots of "
@@ -112,12 +142,27 @@ class SlotExperts(nn.Module):
         r = self.row(slot)
         self.w13[r].copy_(w13)
         self.w2[r].copy_(w2)
+        if state is None:
+            self.reset_state(slot)
+        for row, value in zip(self.slot_state(slot), state or []):
+            row.copy_(value)
+
+    @torch.no_grad()
+    def reset_state(self, slot: int) -> None:
+        """Zero ``slot``'s rows of the tracked optimizer state: its weights came from outside."""
+        rows = self.slot_state(slot)
+        for row in rows:
+            row.zero_()
+        self.state_resets += bool(rows)
 
     @torch.no_grad()
     def copy_slot(self, dst: int, src: int) -> None:
         d, s = self.row(dst), self.row(src)
         self.w13[d].copy_(self.w13[s])
         self.w2[d].copy_(self.w2[s])
+        for pair in self._state_pairs():
+            for t in pair:
+                t[d].copy_(t[s])
 
     def slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [2I, H], w2 [H, I]) of ``slot``: views of its row, without autograd history."""

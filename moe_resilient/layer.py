@@ -357,7 +357,11 @@ class ResilientMoE(nn.Module):
     def write_expert(self, expert: int, slot: int, writer) -> None:
         """Let ``writer(w13 [2I, H], w2 [H, I])`` write ``expert``'s weights into ``slot``'s views in
         place, then route to it. If ``writer`` raises, ``slot`` stays out of routing."""
-        self._edit(slot, expert, lambda: writer(*self.experts.slot_weights(slot)))
+        def write():
+            writer(*self.experts.slot_weights(slot))
+            self.experts.reset_state(slot)
+
+        self._edit(slot, expert, write)
 
     def _edit(self, slot: int, expert: int, write, vacate: int | None = None) -> None:
         """Validate the final placement, take ``slot`` out of routing, write its weights (if this rank

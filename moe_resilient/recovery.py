@@ -52,6 +52,7 @@ class RecoveryReport:
     single_homed: dict[str, list[int]] = field(default_factory=dict)
     recompiles: int = 0
     peer_transfers: int = 0  # redundancy copies sent between ranks over the group
+    state_resets: int = 0  # slots here written from the shadow whose tracked optimizer state was zeroed
     # recover_across_ranks(step=...): the step each survivor met the failure in, by rank
     member_steps: dict[int, int] = field(default_factory=dict)
 
@@ -288,6 +289,7 @@ def recover(
         raise ValueError("recover: the model has no ResilientMoE layer")
     report = RecoveryReport(lost)
     compiles_before = compiled_graphs()
+    resets_before = sum(layer.experts.state_resets for layer in layers.values())
     t0 = time.perf_counter()
     plans = plan_repair(layers, lost, topology=topology, load=load, local_rank=local_rank,
                         restore_redundancy=restore_redundancy)
@@ -316,6 +318,7 @@ def recover(
         with torch.no_grad():
             model(probe)
     report.recompiles = compiled_graphs() - compiles_before
+    report.state_resets = sum(layer.experts.state_resets for layer in layers.values()) - resets_before
     report.bytes_by_source = dict(report.bytes_by_source)
     return report
 

@@ -28,7 +28,13 @@ class PeerCopy:
 
 
 def _slot_payload(layer: ResilientMoE, slot: int) -> list[torch.Tensor]:
-    return [w.reshape(-1).view(torch.uint8) for w in layer.experts.slot_weights(slot)]
+    """A slot's weights, then its rows of the tracked optimizer state (experts.track_optimizer), as bytes."""
+    e = layer.experts
+    return [t.reshape(-1).view(torch.uint8) for t in (*e.slot_weights(slot), *e.slot_state(slot))]
+
+
+def _payload_bytes(layer: ResilientMoE) -> int:
+    return layer.experts.slot_bytes + layer.experts.slot_state_bytes
 
 
 def transfer(layers: dict[str, ResilientMoE], copies: list[PeerCopy], group: ElasticGroup, name: str
@@ -49,10 +55,10 @@ def transfer(layers: dict[str, ResilientMoE], copies: list[PeerCopy], group: Ela
             raise ValueError(f"{c}: source and target are on rank {src}; copy it locally")
         if src == me:
             send[dst] += _slot_payload(layer, c.src)
-            send_counts[dst] += layer.experts.slot_bytes
+            send_counts[dst] += _payload_bytes(layer)
         if dst == me:
             mine.append((c, src))
-            recv_counts[src] += layer.experts.slot_bytes
+            recv_counts[src] += _payload_bytes(layer)
     flat = [t for per_rank in send for t in per_rank]
     payload = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
     got = group.all_to_all(payload, torch.tensor(send_counts), torch.tensor(recv_counts))
@@ -62,12 +68,11 @@ def transfer(layers: dict[str, ResilientMoE], copies: list[PeerCopy], group: Ela
     for r in range(group.world_size):
         at[r], start = start, start + recv_counts[r]
     for c, src in mine:
-        layer = layers[c.layer]
-        n13 = layer.experts.w13[0].numel() * layer.experts.w13.element_size()
-        n = layer.experts.slot_bytes
-        raw = got[at[src]: at[src] + n]
-        at[src] += n
-        w13 = raw[:n13].view(layer.experts.w13.dtype).view(layer.experts.w13.shape[1:])
-        w2 = raw[n13:].view(layer.experts.w2.dtype).view(layer.experts.w2.shape[1:])
-        layer.experts.write_slot(c.target, w13, w2)
+        e = layers[c.layer].experts
+        pieces = []
+        for like in (*e.slot_weights(c.target), *e.slot_state(c.target)):  # the senders' layout
+            n = like.numel() * like.element_size()
+            pieces.append(got[at[src]: at[src] + n].view(like.dtype).view(like.shape))
+            at[src] += n
+        e.write_slot(c.target, pieces[0], pieces[1], state=pieces[2:])
     return [c for c, _ in mine]

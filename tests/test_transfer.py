@@ -71,3 +71,49 @@ def test_a_transfer_cut_by_a_death_leaves_every_survivor_alike(tmp_path, attempt
         assert got["out_err"] < 1e-5 and got["weights_err"] == 0.0, got
         assert sorted(r for c in got["changes"] for r in c["lost"]) == [2, 3], got
     assert results["rank0_0"]["placement"] == results["rank1_0"]["placement"]
+
+
+def test_training_through_a_loss_keeps_every_replica_identical(tmp_path):
+    """AdamW over 4 ranks, rank 3 killed at step 3: each survivor's losses equal single-process
+    training on the same batches (all 4 ranks' before the loss, the 3 survivors' after); every replica
+    of an expert, on any rank, equals the single-process expert, and so does its Adam state, including
+    the replicas a repair copied from a peer, weights and state together."""
+    import torch
+
+    from transfer_worker import STEPS, batch, target
+
+    codes, logs, _ = _run(tmp_path, "train")
+    assert codes == {0: 0, 1: 0, 2: 0, 3: -signal.SIGKILL}, (codes, logs)
+    ref = build()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    want = {r: [] for r in range(W)}
+    for step in range(STEPS):
+        members = range(W) if step < 3 else range(3)
+        opt.zero_grad()
+        losses = [(ref(batch(r, step)) - target(r, step)).square().mean() for r in members]
+        (sum(losses) / len(losses)).backward()
+        for layer in ref:
+            layer.reduce_replica_grads()
+        opt.step()
+        for r, loss in zip(members, losses):
+            want[r].append(loss.item())
+    copied, replicas = 0, {}
+    for r in range(3):
+        got = torch.load(tmp_path / f"train{r}.pt")
+        assert got["losses"] == pytest.approx(want[r], rel=1e-4, abs=1e-6), (r, got["losses"], want[r])
+        copied += got["peer_transfers"]
+        assert got["state_resets"] == 0
+        for (i, slot), (expert, *tensors) in got["slots"].items():
+            layer = ref[i]
+            s = layer.placement.slots_of(expert)[0]  # the single-process model's replicas are all alike
+            state = opt.state[layer.experts.w13], opt.state[layer.experts.w2]
+            expect = [*layer.experts.slot_weights(s)] + [t[layer.experts.row(s)] for k in sorted(state[0])
+                                                          if state[0][k].dim() for t in (state[0][k], state[1][k])]
+            assert len(tensors) == len(expect) == 6  # w13, w2, exp_avg x2, exp_avg_sq x2
+            for a, b in zip(tensors, expect):  # Adam's steps magnify float noise in the summed gradients
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=f"rank {r} layer {i} slot {slot}")
+            replicas.setdefault((i, expert), []).append(tensors)
+    assert copied > 0  # the repair did copy replicas from peers, state included
+    for key, copies in replicas.items():  # replicas on different ranks: bit for bit alike
+        assert all(torch.equal(a, b) for other in copies[1:] for a, b in zip(copies[0], other)), key
+    assert max(len(c) for c in replicas.values()) > 1

@@ -3,7 +3,8 @@ two ranks and one spare slot per rank, served through StepRunner with no shadow 
 every copy a repair or readmission makes must come from a peer. Rank 3 SIGKILLs itself at step 3.
 Modes: "repair" (survivors restore lost redundancy from peers), "cut" (rank 2 dies as the transfer
 starts; a step-0 shadow covers experts both ranks held), "rejoin" (rank 3's replacement gets every
-slot back from peers)."""
+slot back from peers), "train" (AdamW through the loss: a repaired replica takes its optimizer state
+from its peer)."""
 
 import json
 import os
@@ -45,12 +46,47 @@ def weights_err(model: nn.Module, reference: nn.Module) -> float:
     return err
 
 
+def target(rank: int, step: int) -> torch.Tensor:
+    return torch.randn(6, 32, generator=torch.Generator().manual_seed(100 * step + rank + 7))
+
+
+def train_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
+    loss = (model(x) - t).square().mean()
+    loss.backward()
+    return loss.item()
+
+
+def train(model: nn.Module, group: ElasticGroup, rank: int, out_dir: str) -> None:
+    """AdamW steps through StepRunner; rank 3 dies at step 3. Saves the losses, and every routed slot
+    held here with its expert, weights and optimizer state rows."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    runner = StepRunner(model, group, optimizer=opt)
+    losses = []
+    for step in range(STEPS):
+        if step == 3 and rank == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        losses.append(runner(train_step, model, batch(rank, step), target(rank, step)))
+    slots = {}
+    for i, layer in enumerate(model):
+        p = layer.placement
+        for s in layer.experts.held:
+            if int(p.phy2log[s]) >= 0 and bool(p.active[p.slot_rank[s]]):
+                slots[(i, s)] = (int(p.phy2log[s]), *layer.experts.slot_weights(s), *layer.experts.slot_state(s))
+    report = runner.changes[-1].report
+    torch.save({"losses": losses, "slots": slots, "peer_transfers": report.peer_transfers,
+                "state_resets": report.state_resets}, os.path.join(out_dir, f"train{rank}.pt"))
+
+
 if __name__ == "__main__":
     out_dir, mode = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
     model, reference = build(), build()
     group = ElasticGroup.from_env(timeout=20.0).start()
     parallelize(model, group)
+    if mode == "train":
+        train(model, group, rank, out_dir)
+        group.finish()
+        os._exit(0)
     if mode == "cut" and rank == 2:  # dies the moment the repair's transfer starts
         import moe_resilient.recovery as recovery
         recovery.transfer = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
