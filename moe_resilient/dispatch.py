@@ -36,15 +36,19 @@ class _AllToAll(torch.autograd.Function):
 class Loopback:
     """A stand-in group of one for ``ep_forward``: every row "sent" comes straight back, so the local
     slots compute every expert. For compiling the stages before a real group exists (a first compile
-    takes seconds, which every peer would otherwise spend waiting) and for running them without peers."""
+    takes seconds, which every peer would otherwise spend waiting) and for running them without peers.
+    ``held``: the slots a sharded layer holds; slot ids coming back are folded into them (for
+    compiling only: the values are then meaningless)."""
 
-    def __init__(self, world_size: int):
-        self.world_size = world_size
+    def __init__(self, world_size: int, held: range | None = None):
+        self.world_size, self.held = world_size, held
 
     def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
         return send_counts
 
     def all_to_all(self, send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
+        if self.held is not None and not send.is_floating_point():
+            return send % len(self.held) + self.held.start
         return send.clone()  # a fresh tensor, as a real exchange returns: the compiled graphs then match
 
 

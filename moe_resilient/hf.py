@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,7 +46,10 @@ def _looks_like_moe_block(module: nn.Module) -> bool:
 def swap_moe_blocks(model: nn.Module, *, num_slots: int | None = None, world_size: int = 1) -> list[str]:
     """Replace every supported MoE block of ``model`` in place with an equivalent ResilientMoE.
 
-    ``num_slots`` per layer (default: one per expert) leaves room for replicas and spares.
+    ``num_slots`` per layer (default: one per expert) leaves room for replicas and spares. Over
+    ``world_size`` ranks (expert parallelism) with num_slots a multiple of it, slots are numbered rank
+    by rank and all hold experts: each expert once, then replicas on other ranks, so that losing a
+    rank leaves as many experts covered as the slots allow.
     Returns the qualified names of the replaced modules. Raises UnsupportedMoEBlockError, naming
     the class, for a block that has experts and a router but is not supported (nothing is swapped
     then: the check runs over the whole model first).
@@ -115,7 +119,14 @@ def from_hf_block(block: nn.Module, model_config=None, *, num_slots=None, world_
         shared_expert_gate=shared_gate is not None,
         **kwargs,
     )
-    layer = ResilientMoE(config, dtype=w13.dtype, device=w13.device)
+    phy2log = slot_rank = None
+    if world_size > 1 and config.num_slots % world_size == 0:  # replicas on distinct ranks, every slot used
+        from moe_resilient import planner
+
+        plan, slot_rank = planner.initial_placement(np.ones(E), planner.Topology(world_size, world_size),
+                                                    config.num_slots // world_size)
+        phy2log = plan.phy2log
+    layer = ResilientMoE(config, phy2log=phy2log, slot_rank=slot_rank, dtype=w13.dtype, device=w13.device)
     with torch.no_grad():
         layer.gate.weight.copy_(router_weight)
         if config.score_bias:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_resilient.dispatch import ep_forward
+from moe_resilient.dispatch import Loopback, ep_forward
 from moe_resilient.elastic import MembershipChange, recover_across_ranks
 from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.layer import ResilientMoE
@@ -22,9 +22,11 @@ from moe_resilient.shadow import resilient_layers
 def parallelize(model: nn.Module, group: ElasticGroup, *, compiled: bool = False) -> dict[str, ResilientMoE]:
     """Shard every ResilientMoE layer of ``model`` to ``group.rank``'s slots and route its forward
     through ``group``. ``compiled``: the compute between the collectives runs as compiled graphs
-    (``dispatch.compiled_stages``: no recompile on a batch size, membership or placement change).
-    Every layer's placement must span ``group.world_size`` ranks with each rank's slots contiguous.
-    Checks every layer before it changes any; returns the layers by name."""
+    (``dispatch.compiled_stages``: no recompile on a batch size, membership or placement change),
+    compiled here on synthetic rows; call it before ``group.start()``, so that no peer waits out a
+    first compile (seconds) in a collective. Every layer's placement must span ``group.world_size``
+    ranks with each rank's slots contiguous. Checks every layer before it changes any; returns the
+    layers by name."""
     layers = resilient_layers(model)
     if not layers:
         raise ValueError("the model holds no ResilientMoE layer (swap its MoE blocks first: hf.swap_moe_blocks)")
@@ -48,6 +50,10 @@ def parallelize(model: nn.Module, group: ElasticGroup, *, compiled: bool = False
     for layer in layers.values():
         layer.shard(group.rank)
         layer.expert_parallel = forward
+        if compiled:
+            with torch.no_grad():
+                ep_forward(layer, layer.experts.w13.new_zeros(2, layer.config.hidden_size),
+                           Loopback(group.world_size, layer.experts.held), compiled=True)
     return layers
 
 

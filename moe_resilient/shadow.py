@@ -261,11 +261,15 @@ class ShadowStore:
         return store
 
     @classmethod
-    def from_hf_checkpoint(cls, checkpoint_dir: str, *, prefix_map=None) -> ShadowStore:
-        """Index the MoE experts of a Hugging Face safetensors checkpoint in place (no copy, no model).
+    def from_hf_checkpoint(cls, checkpoint_dir: str, *, prefix_map=None, model: nn.Module | None = None
+                           ) -> ShadowStore:
+        """Index the MoE experts of a Hugging Face safetensors checkpoint in place (no copy).
 
         Layer names are the checkpoint's module paths (e.g. ``model.layers.0.mlp``), which are the
-        names ``swap_moe_blocks`` gives the swapped layers; ``prefix_map`` renames them if needed."""
+        names ``swap_moe_blocks`` gives the swapped layers; ``prefix_map`` renames them if needed.
+        ``model`` (swapped): a checkpoint block whose name differs from the model's layer in the same
+        parent module takes the model's name, as when transformers loads Mixtral's
+        ``block_sparse_moe`` as ``mlp``."""
         files = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith(".safetensors"))
         if not files:
             raise ShadowStoreError(f"{checkpoint_dir}: no .safetensors files")
@@ -299,7 +303,12 @@ class ShadowStore:
                 entries[name] = (E, (2 * sg[0], sg[1]), tuple(sd), dt, fmap, keys, "per_expert")
         if not entries:
             raise ShadowStoreError(f"{checkpoint_dir}: no MoE expert weights found")
-        prefix_map = prefix_map or {}
+        prefix_map = dict(prefix_map or {})
+        if model is not None:
+            by_parent = {name.rpartition(".")[0]: name for name in resilient_layers(model)}
+            for name in entries:
+                mapped = prefix_map.get(name, name)
+                prefix_map.setdefault(name, by_parent.get(mapped.rpartition(".")[0], mapped))
         out = {}
         for name, (E, s13, s2, dt, fmap, keys, layout) in entries.items():
             name = prefix_map.get(name, name)

@@ -1,6 +1,7 @@
-"""One rank of the step-runner test: a tiny seeded HF Mixtral, parallelized, serving STEPS steps through
-StepRunner while the test kills ranks; every step's logits are saved once, by the rank that released
-them."""
+"""One rank of the step-runner test: the small seeded HF Mixtral of parallel_worker, parallelized,
+serving STEPS steps through StepRunner while the test kills ranks, experts that lose every replica
+restored from the checkpoint's safetensors; every step's logits are saved once, by the rank that
+released them."""
 
 import os
 import sys
@@ -10,17 +11,18 @@ import torch
 
 from moe_resilient import ShadowStore, StepRunner, parallelize
 from moe_resilient.group import ElasticGroup
-from parallel_worker import batch, build
+from parallel_worker import batch, load
 
 STEPS, MAX_STEPS = 40, 3000  # serve past STEPS until every rank is back, but not for ever
 
 if __name__ == "__main__":
-    out_dir, shadow_dir = sys.argv[1], sys.argv[2]
+    out_dir, checkpoint = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
-    model = build("mixtral")
+    model = load("mixtral", checkpoint, slots_per_rank=6)
     group = ElasticGroup.from_env(timeout=20.0).start()
     parallelize(model, group)
-    runner = StepRunner(model, group, shadow=ShadowStore.open(shadow_dir), shadow_current=True)
+    runner = StepRunner(model, group, shadow=ShadowStore.from_hf_checkpoint(checkpoint, model=model),
+                        shadow_current=True)
     full_since = None  # serve STEPS steps, and 10 more once every rank is back: all members decide alike
     with torch.no_grad():
         while runner.step < MAX_STEPS:
