@@ -106,9 +106,12 @@ def store(host, port):
               help="PNG: step latency around the failure, throughput over the run")
 @click.option("--compile/--eager", "compile_", default=True, show_default=True,
               help="serve through compiled stages and count recompiles")
+@click.option("--layers", default=4, show_default=True, help="MoE blocks")
+@click.option("--hidden", default=512, show_default=True, help="hidden size (experts' intermediate size: 2x)")
+@click.option("--experts", default=16, show_default=True, help="experts per block")
 def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host, hang, replace, baseline, json_path,
-          plot_path, compile_):
-    """Serve a tiny MoE model on NPROC ranks, fail ranks mid-stream, measure the interruption."""
+          plot_path, compile_, layers, hidden, experts):
+    """Serve a MoE model expert-parallel on NPROC ranks, fail ranks mid-stream, measure the interruption."""
     import json
 
     from moe_resilient.drill import plot, run_drill
@@ -123,13 +126,15 @@ def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host,
     try:
         result = run_drill(nproc, steps, ints(fail_rank, "--fail-rank"), ints(fail_step, "--fail-step"), hang=hang,
                            replace=replace, baseline=baseline == "restart", tokens=tokens, compile=compile_,
-                           fail_host=fail_host, ranks_per_host=ranks_per_host, echo=click.echo)
+                           fail_host=fail_host, ranks_per_host=ranks_per_host, echo=click.echo, layers=layers,
+                           hidden=hidden, experts=experts)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     ms = lambda v: "n/a" if v is None else f"{v * 1e3:.1f} ms"  # noqa: E731
     back = result["time_to_95pct_throughput_s"]
     click.echo(f"detection {ms(result['detection_latency_s'])}, agreement {ms(result['agreement_s'])}, "
-               f"recovery {ms(result['recovery_s'])}, pause {ms(result['pause_s'])}, stall {ms(result['stall_s'])}, "
+               f"recovery {ms(result['recovery_s'])}, pause {ms(result['pause_s'])} ({ms(result['pause_after_detection_s'])} "
+               f"after detection; a step takes {ms(result['step_s'])}), stall {ms(result['stall_s'])}, "
                f"95% throughput after {'never' if back is None else f'{back:.2f} s'}, lost batches "
                f"{result['lost_batches']}, re-run {result['rerun_batches']}, "
                f"recompiles {result['recompiles']}{'' if compile_ else ' (eager)'}")

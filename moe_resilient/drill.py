@@ -1,5 +1,5 @@
-"""Failure drill (``moe-resilient drill``): N ranks of drill_worker.py serve a tiny MoE transformer with
-expert parallelism; ranks are SIGKILLed (or SIGSTOPped) mid-stream, one by one or a whole host at once;
+"""Failure drill (``moe-resilient drill``): N ranks of drill_worker.py serve the MoE half of a transformer
+with expert parallelism, each holding only its own expert slots; ranks are SIGKILLed (or SIGSTOPped) mid-stream, one by one or a whole host at once;
 survivors agree, recover in place and keep serving; optionally replacements rejoin. ``--baseline
 restart`` measures what every other stack does instead. This module orchestrates, measures and plots.
 """
@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from moe_resilient.drill_worker import EXPERTS, DrillModel, make_batch
+from moe_resilient.drill_worker import DrillModel, make_batch
 from moe_resilient.shadow import ShadowStore
 
 __all__ = ["DrillModel", "make_batch", "plot", "read_records", "run_drill", "serving_metrics"]
@@ -58,7 +58,7 @@ def _wait(pred, timeout: float, what: str, echo=None, status=None) -> None:
 
 
 def measure_restart(nproc: int, shadow_dir: str, work_dir: str, cache_dir: str, tokens: int, slots_per_rank: int,
-                    compile: bool = True, echo=print, alone_of: int = 0) -> float:
+                    compile: bool = True, echo=print, alone_of: int = 0, shape: dict | None = None) -> float:
     """Full-restart baseline: launch ``nproc`` ranks anew; each loads its weights from safetensors,
     compiles the serving path (``cache_dir`` is the compile cache: cold the first time, warm after),
     forms the group and serves one step. With ``alone_of`` W, one rank of the W-rank job restarts
@@ -70,7 +70,8 @@ def measure_restart(nproc: int, shadow_dir: str, work_dir: str, cache_dir: str, 
     os.makedirs(out)
     env = {**WORKER_ENV, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
     cmd = _worker_cmd(out, shadow_dir, {"steps": 1, "tokens": tokens, "slots-per-rank": slots_per_rank,
-                                        "restart": True, "compile": compile, "alone-of": alone_of or None})
+                                        "restart": True, "compile": compile, "alone-of": alone_of or None,
+                                        **(shape or {})})
     t0 = time.time()
     with Launcher(nproc, cmd, env=env, log_dir=os.path.join(out, "logs")) as launcher:
         _wait(lambda: all(any("batch_of" in x for x in recs) for recs in _read(out, nproc).values()), 600,
@@ -85,9 +86,9 @@ def _graphs_after_failure(recs: list[dict]) -> int:
     return counts[-1] - counts[0] if counts else 0
 
 
-def default_slots_per_rank(nproc: int, lost: int = 1) -> int:
+def default_slots_per_rank(nproc: int, lost: int = 1, experts: int = 8) -> int:
     """Enough slots that the survivors of ``lost`` ranks can hold every expert, and at least 3."""
-    return max(3, -(-EXPERTS // max(nproc - lost, 1)))
+    return max(3, -(-experts // max(nproc - lost, 1)))
 
 
 def plan_faults(nproc: int, steps: int, fail_ranks, fail_steps, fail_host: int | None = None,
@@ -125,9 +126,9 @@ def plan_faults(nproc: int, steps: int, fail_ranks, fail_steps, fail_host: int |
     return sorted(zip(fail_ranks, fail_steps), key=lambda f: (f[1], f[0]))
 
 
-def check_slots(nproc: int, lost: int, slots_per_rank: int) -> None:
-    if slots_per_rank * (nproc - lost) < EXPERTS:
-        raise ValueError(f"{slots_per_rank} slots per rank: {nproc - lost} survivors cannot hold {EXPERTS} experts")
+def check_slots(nproc: int, lost: int, slots_per_rank: int, experts: int = 8) -> None:
+    if slots_per_rank * (nproc - lost) < experts:
+        raise ValueError(f"{slots_per_rank} slots per rank: {nproc - lost} survivors cannot hold {experts} experts")
 
 
 def _rate(times: np.ndarray, tokens: np.ndarray, start: float, end: float) -> float:
@@ -173,23 +174,26 @@ def serving_metrics(t1: np.ndarray, tokens: np.ndarray, t_fail: float, nproc: in
 def run_drill(nproc: int = 4, steps: int = 300, fail_ranks=(2,), fail_steps=(100,), hang: bool = False,
               replace: bool = False, baseline: bool = False, tokens: int = 32, slots_per_rank: int | None = None,
               step_sleep: float = 0.0, compile: bool = True, fail_host: int | None = None,
-              ranks_per_host: int | None = None, work_dir: str | None = None, echo=print) -> dict:
+              ranks_per_host: int | None = None, work_dir: str | None = None, echo=print, layers: int = 4,
+              hidden: int = 512, experts: int = 16) -> dict:
     """Serve, fail ranks (each of ``fail_ranks`` once its step count reaches its ``fail_steps``, or
     every rank of ``fail_host``), keep serving; returns the measurements (see README), timed from the
     first fault. ``compile``: the ranks serve through compiled stages and the drill counts their
-    recompiles. Bad arguments raise ValueError before anything starts."""
+    recompiles. The model: ``layers`` MoE blocks of ``experts`` experts, hidden size ``hidden``, each
+    rank holding only its own slots. Bad arguments raise ValueError before anything starts."""
     import tempfile
 
     from moe_resilient.launch import Launcher
 
     faults = plan_faults(nproc, steps, fail_ranks, fail_steps, fail_host, ranks_per_host)
     failed = sorted(r for r, _ in faults)
-    slots_per_rank = slots_per_rank or default_slots_per_rank(nproc, len(failed))
-    check_slots(nproc, len(failed), slots_per_rank)
+    slots_per_rank = slots_per_rank or default_slots_per_rank(nproc, len(failed), experts)
+    check_slots(nproc, len(failed), slots_per_rank, experts)
+    shape = {"layers": layers, "hidden": hidden, "experts": experts}
     work_dir = work_dir or tempfile.mkdtemp(prefix="moe-drill-")
     out, shadow_dir = os.path.join(work_dir, "elastic"), os.path.join(work_dir, "shadow")
     os.makedirs(out, exist_ok=True)
-    ShadowStore.export(DrillModel(nproc, slots_per_rank), shadow_dir)
+    ShadowStore.export(DrillModel(nproc, slots_per_rank, **shape), shadow_dir)
     restarts = {}
     if baseline:  # first, so that the elastic run can serve over the restart's whole span
         cache = os.path.join(work_dir, "inductor-cache")
@@ -199,13 +203,13 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_ranks=(2,), fail_steps=(100
         for key, n, alone_of, what in runs:
             echo(f"baseline: full restart of {what}")
             restarts[key] = measure_restart(n, shadow_dir, work_dir, cache, tokens, slots_per_rank, compile, echo,
-                                            alone_of)
+                                            alone_of, shape)
     stop_file = os.path.join(out, "stop_at")
     cmd = _worker_cmd(out, shadow_dir, {"steps": steps if not baseline else 1 << 40, "tokens": tokens,
                                         "slots-per-rank": slots_per_rank, "step-sleep": step_sleep,
                                         "until-full": replace, "after-full": 100 if replace else None,
                                         "compile": compile, "stop-file": stop_file if baseline else None,
-                                        "ranks-per-host": ranks_per_host})
+                                        "ranks-per-host": ranks_per_host, **shape})
 
     def status():
         done = {r: sum("batch_of" in x for x in recs) for r, recs in _read(out, nproc).items()}
@@ -253,7 +257,8 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_ranks=(2,), fail_steps=(100
     admitted = [x for r in range(nproc) for x in recs[r] if x.get("event") == "admitted"]
     rel = lambda t: t - t_start  # noqa: E731
     result = {
-        "nproc": nproc, "steps": steps, "tokens_per_batch": tokens, "failed_ranks": failed,
+        "nproc": nproc, "steps": steps, "tokens_per_batch": tokens, "failed_ranks": failed, "model": shape,
+        "slots_per_rank": slots_per_rank,
         "failure": f"hang ({signal_name})" if hang else f"crash ({signal_name})", "fail_time": rel(t_fail),
         "faults": [{"rank": r, "step": s, "time": rel(kill_times[r]), "lost_at_step": lost_at[r]} for r, s in faults],
         "failure_step": min(lost_at.values()),  # the step the survivors found the first rank gone
@@ -262,6 +267,10 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_ranks=(2,), fail_steps=(100
         "agreement_s": max(f["t_agreed"] - f["t_detect"] for f in failures),
         "recovery_s": max(f["t_recovered"] - f["t_agreed"] for f in failures),
         "pause_s": min(after) - max(before),
+        # the first output after recovery, from the first survivor's detection (it includes the re-run
+        # step's own compute), and a step's usual time before the failure, for scale
+        "pause_after_detection_s": min(after) - min(f["t_detect"] for f in failures),
+        "step_s": float(np.median([x["t1"] - x["t0"] for x in served if x["t1"] < t_fail])),
         "lost_batches": sorted(expected - got),
         "rerun_batches": sorted((x["step"], x["batch_of"]) for x in served if x.get("makeup")),
         # served twice: a lost rank's last batch may have been delivered before it died

@@ -1,6 +1,6 @@
 """One rank of the failure drill (``python -m moe_resilient.drill_worker``, started by drill.py's
-orchestrator under the launcher or by torchrun): serves a tiny MoE transformer with expert parallelism
-through an ElasticGroup, recovers from lost ranks and admits replacements, and records every event.
+orchestrator under the launcher or by torchrun): serves the MoE half of a transformer with expert
+parallelism through an ElasticGroup, each rank holding only its own expert slots, recovers from lost ranks and admits replacements, and records every event.
 
 Protocol (one JSON line per event in ``out_dir/rank{r}.jsonl``):
     {"step", "batch_of", "served_by", "gen", "t0", "t1", "tokens", "pid"}      a batch served
@@ -30,23 +30,26 @@ from moe_resilient.layer import MoEConfig, ResilientMoE
 from moe_resilient.recovery import compiled_graphs
 from moe_resilient.shadow import ShadowStore, resilient_layers
 
-HIDDEN, INTER, EXPERTS, TOP_K, LAYERS = 64, 128, 8, 2, 2
+HIDDEN, EXPERTS, TOP_K, LAYERS = 64, 8, 2, 2  # the tests' size; ``moe-resilient drill`` serves a larger one
 
 
 class DrillModel(nn.Module):
-    """x [T, H] -> [T, H]: LAYERS pre-norm residual MoE blocks (the MoE half of a transformer)."""
+    """x [T, H] -> [T, H]: ``layers`` pre-norm residual MoE blocks (the MoE half of a transformer), each
+    with ``experts`` SwiGLU experts of intermediate size 2H, top-2."""
 
-    def __init__(self, world_size: int, slots_per_rank: int, seed: int = 0, ranks_per_host: int | None = None):
+    def __init__(self, world_size: int, slots_per_rank: int, seed: int = 0, ranks_per_host: int | None = None, *,
+                 layers: int = LAYERS, hidden: int = HIDDEN, experts: int = EXPERTS):
         super().__init__()
         torch.manual_seed(seed)
         topo = planner.Topology(world_size, ranks_per_host or world_size)
-        plan, slot_rank = planner.initial_placement(np.ones(EXPERTS), topo, slots_per_rank)
-        cfg = MoEConfig(HIDDEN, INTER, EXPERTS, TOP_K, num_slots=world_size * slots_per_rank, world_size=world_size)
-        self.norms = nn.ModuleList(nn.RMSNorm(HIDDEN) for _ in range(LAYERS))
-        self.moe = nn.ModuleList(ResilientMoE(cfg, phy2log=plan.phy2log, slot_rank=slot_rank) for _ in range(LAYERS))
+        plan, slot_rank = planner.initial_placement(np.ones(experts), topo, slots_per_rank)
+        cfg = MoEConfig(hidden, 2 * hidden, experts, TOP_K, num_slots=world_size * slots_per_rank,
+                        world_size=world_size)
+        self.norms = nn.ModuleList(nn.RMSNorm(hidden) for _ in range(layers))
+        self.moe = nn.ModuleList(ResilientMoE(cfg, phy2log=plan.phy2log, slot_rank=slot_rank) for _ in range(layers))
         for layer in self.moe:  # one set of logical weights, copied into every replica slot
-            w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN) / HIDDEN**0.5
-            w2 = torch.randn(EXPERTS, HIDDEN, INTER) / INTER**0.5
+            w13 = torch.randn(experts, 4 * hidden, hidden) / hidden**0.5
+            w2 = torch.randn(experts, hidden, 2 * hidden) / (2 * hidden)**0.5
             layer.load_logical_weights(w13, w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,9 +63,9 @@ class DrillModel(nn.Module):
         return x
 
 
-def make_batch(step: int, batch_of: int, tokens: int) -> torch.Tensor:
+def make_batch(step: int, batch_of: int, tokens: int, hidden: int = HIDDEN) -> torch.Tensor:
     g = torch.Generator().manual_seed(1_000_003 * step + batch_of)
-    return torch.randn(tokens, HIDDEN, generator=g)
+    return torch.randn(tokens, hidden, generator=g)
 
 
 def rerun_after_failure(change) -> tuple[list[tuple[int, int]], int]:
@@ -100,23 +103,27 @@ def worker(args) -> int:
         log.write(json.dumps(rec) + "\n")
 
     world = args.alone_of or int(os.environ["WORLD_SIZE"])
-    model = DrillModel(world, args.slots_per_rank, args.seed, args.ranks_per_host).eval()
+    model = DrillModel(world, args.slots_per_rank, args.seed, args.ranks_per_host, layers=args.layers,
+                       hidden=args.hidden, experts=args.experts).eval()
+    for layer in model.moe:  # each rank holds only its own slots
+        layer.shard(rank)
+    batch = lambda step, of: make_batch(step, of, args.tokens, args.hidden)  # noqa: E731
     shadow = ShadowStore.open(args.shadow)
-    if args.restart:  # baseline: weights from safetensors (then compiled below, as every rank is)
+    if args.restart:  # baseline: this rank's weights from safetensors (then compiled below, as every rank is)
         for name, layer in resilient_layers(model).items():
-            for e in range(layer.config.num_experts):
-                w13, w2 = shadow.read_expert(name, e)
-                for s in layer.placement.slots_of(e):
-                    layer.experts.write_slot(s, w13, w2)
+            for s in layer.experts.held:
+                if int(layer.placement.phy2log[s]) >= 0:
+                    layer.experts.write_slot(s, *shadow.read_expert(name, int(layer.placement.phy2log[s])))
+    loopback = Loopback(world, model.moe[0].experts.held)  # to compile, and to serve alone (restart baseline)
     if args.compile:  # compile before the group forms: peers would otherwise wait out the first compile
         with torch.no_grad():
-            model.ep(make_batch(0, rank, args.tokens), Loopback(world), compiled=True)
+            model.ep(batch(0, rank), loopback, compiled=True)
         for layer in model.moe:
             layer.read_load(reset=True)
     if args.alone_of:  # restart baseline: one rank restarted alone, ready to rejoin once it served a step
         t0 = time.time()
         with torch.no_grad():
-            model.ep(make_batch(0, rank, args.tokens), Loopback(world), compiled=args.compile)
+            model.ep(batch(0, rank), loopback, compiled=args.compile)
         emit(step=0, batch_of=rank, served_by=rank, gen=0, t0=t0, t1=time.time(), tokens=args.tokens)
         return 0
     timing = {"heartbeat_timeout": args.heartbeat_timeout} if args.heartbeat_timeout else {}
@@ -162,7 +169,7 @@ def worker(args) -> int:
                              for m in group.members}
             history.pop(step - 2, None)
             mine = history[step][rank][1:]
-            served = torch.cat([make_batch(step, rank, args.tokens)] + [make_batch(s, b, args.tokens) for s, b in mine])
+            served = torch.cat([batch(step, rank)] + [batch(s, b) for s, b in mine])
             t0 = time.time()
             try:
                 out = model.ep(served, group, compiled=args.compile)
@@ -210,6 +217,9 @@ def worker_args(argv=None):
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--slots-per-rank", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
+    ap.add_argument("--experts", type=int, default=EXPERTS)
     ap.add_argument("--ranks-per-host", type=int, help="placement topology (default: one host)")
     ap.add_argument("--collective-timeout", type=float, default=10.0, help="wait on live but absent peers")
     ap.add_argument("--heartbeat-timeout", type=float, help="default: ElasticGroup's")

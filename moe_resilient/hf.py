@@ -43,13 +43,15 @@ def _looks_like_moe_block(module: nn.Module) -> bool:
     return "experts" in names and ("gate" in names or "router" in names)
 
 
-def swap_moe_blocks(model: nn.Module, *, num_slots: int | None = None, world_size: int = 1) -> list[str]:
+def swap_moe_blocks(model: nn.Module, *, num_slots: int | None = None, world_size: int = 1,
+                    num_replicas: int | None = None) -> list[str]:
     """Replace every supported MoE block of ``model`` in place with an equivalent ResilientMoE.
 
     ``num_slots`` per layer (default: one per expert) leaves room for replicas and spares. Over
     ``world_size`` ranks (expert parallelism) with num_slots a multiple of it, slots are numbered rank
-    by rank and all hold experts: each expert once, then replicas on other ranks, so that losing a
-    rank leaves as many experts covered as the slots allow.
+    by rank and ``num_replicas`` of them (default: all) hold experts: each expert once, then replicas
+    on other ranks, so that losing a rank leaves as many experts covered as the slots allow; the rest
+    are spare, spread over the ranks.
     Returns the qualified names of the replaced modules. Raises UnsupportedMoEBlockError, naming
     the class, for a block that has experts and a router but is not supported (nothing is swapped
     then: the check runs over the whole model first).
@@ -69,11 +71,13 @@ def swap_moe_blocks(model: nn.Module, *, num_slots: int | None = None, world_siz
     for name, block in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, from_hf_block(block, model_config, num_slots=num_slots, world_size=world_size))
+        setattr(parent, attr, from_hf_block(block, model_config, num_slots=num_slots, world_size=world_size,
+                                            num_replicas=num_replicas))
     return [name for name, _ in targets]
 
 
-def from_hf_block(block: nn.Module, model_config=None, *, num_slots=None, world_size: int = 1) -> ResilientMoE:
+def from_hf_block(block: nn.Module, model_config=None, *, num_slots=None, world_size: int = 1,
+                  num_replicas: int | None = None) -> ResilientMoE:
     """Build a ResilientMoE equal to one Hugging Face MoE block (weights copied)."""
     cls = type(block).__name__
     w13, w2 = _hf_expert_weights(block)
@@ -124,7 +128,7 @@ def from_hf_block(block: nn.Module, model_config=None, *, num_slots=None, world_
         from moe_resilient import planner
 
         plan, slot_rank = planner.initial_placement(np.ones(E), planner.Topology(world_size, world_size),
-                                                    config.num_slots // world_size)
+                                                    config.num_slots // world_size, num_replicas)
         phy2log = plan.phy2log
     layer = ResilientMoE(config, phy2log=phy2log, slot_rank=slot_rank, dtype=w13.dtype, device=w13.device)
     with torch.no_grad():

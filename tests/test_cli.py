@@ -30,7 +30,11 @@ def test_launch_keeps_survivors(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["rank0", "rank1", "rank2", "script.py"]
 
 
+SMALL = ["--layers", "2", "--hidden", "64", "--experts", "8"]  # the drill's default model is larger
+
+
 def test_drill_writes_json_and_plot(tmp_path):
+    """The drill's own model (4 layers, hidden 512, 16 experts), compiled: JSON and PNG written."""
     out_json, out_png = tmp_path / "drill.json", tmp_path / "drill.png"
     proc = subprocess.run([sys.executable, "-m", "moe_resilient.cli", "drill", "--nproc", "4", "--steps", "16",
                            "--fail-step", "5", "--json", str(out_json), "--plot", str(out_png)],
@@ -55,6 +59,7 @@ def test_drill_writes_json_and_plot(tmp_path):
     assert all(t_fail <= detect <= agreed <= done for _, detect, agreed, done in result["phases"]
                for t_fail in [result["fail_time"]])
     assert {(rank, tokens) for rank, _, _, tokens in result["batches"]} == {(r, 32) for r in range(4)}
+    assert result["model"] == {"layers": 4, "hidden": 512, "experts": 16} and result["slots_per_rank"] == 6
 
 
 @pytest.mark.parametrize("args, message", [
@@ -77,7 +82,7 @@ def test_drill_refuses_bad_arguments_at_once(args, message):
 def test_drill_with_two_ranks(tmp_path):
     out_json = tmp_path / "drill.json"
     proc = subprocess.run([sys.executable, "-m", "moe_resilient.cli", "drill", "--nproc", "2", "--steps", "12",
-                           "--fail-rank", "0", "--fail-step", "4", "--eager", "--json", str(out_json)],
+                           "--fail-rank", "0", "--fail-step", "4", "--eager", "--json", str(out_json), *SMALL],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out_json.read_text())
@@ -137,7 +142,7 @@ def test_demo_names_a_missing_device():
 def test_drill_fails_several_ranks_or_a_host(tmp_path, args, failed):
     out_json = tmp_path / "drill.json"
     proc = subprocess.run([sys.executable, "-m", "moe_resilient.cli", "drill", "--steps", "16", "--eager", "--json",
-                           str(out_json), *args], capture_output=True, text=True, timeout=300)
+                           str(out_json), *SMALL, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out_json.read_text())
     assert result["failed_ranks"] == failed and result["lost_batches"] == []

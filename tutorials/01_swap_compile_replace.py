@@ -23,8 +23,8 @@ prompt = torch.randint(0, 128, (1, 8))
 with torch.no_grad():
     before = model(prompt).logits
 
-# 2. Swap every MoE block for a ResilientMoE with 4 extra slots per layer, spread over 4 "ranks".
-swapped = swap_moe_blocks(model, num_slots=12, world_size=4)
+# 2. Swap every MoE block for a ResilientMoE with 4 spare slots per layer, spread over 4 "ranks".
+swapped = swap_moe_blocks(model, num_slots=12, world_size=4, num_replicas=8)
 print("swapped:", swapped)
 layers = [model.get_submodule(name) for name in swapped]
 assert all(isinstance(layer, ResilientMoE) for layer in layers)
@@ -44,7 +44,9 @@ with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         p = layer.placement
         print("slots of rank 0:", [s for s in range(p.num_slots) if int(p.slot_rank[s]) == 0],
               "phy2log:", p.phy2log.tolist())
-        for expert, spare in zip((0, 1, 2), p.spare_slots()[1:]):
+        on_rank0 = [int(p.phy2log[s]) for s in range(p.num_slots) if int(p.slot_rank[s]) == 0 and p.phy2log[s] >= 0]
+        spares = [s for s in p.spare_slots() if int(p.slot_rank[s]) != 0]
+        for expert, spare in zip(on_rank0, spares):
             layer.add_replica(expert, spare)  # standby replicas of rank 0's experts on other ranks
         p.mark_dead(0)  # rank 0 fails: its slots leave routing, replicas keep every expert covered
         print("after losing rank 0: phy2log", p.phy2log.tolist(), "live replicas", p.logcnt.tolist())

@@ -17,10 +17,8 @@ import time
 import torch
 import torch._dynamo
 
-from moe_resilient import MoEConfig, ResilientMoE, ShadowStore, planner
-from moe_resilient.dispatch import Loopback, ep_forward
-from moe_resilient.elastic import recover_across_ranks
-from moe_resilient.group import ElasticGroup, RankFailure
+from moe_resilient import MoEConfig, ResilientMoE, ShadowStore, StepRunner, parallelize, planner
+from moe_resilient.group import ElasticGroup
 from moe_resilient.launch import Launcher
 
 W, SLOTS_PER_RANK, STEPS, VICTIM = 3, 4, 40, 2
@@ -43,43 +41,38 @@ def serve(shadow_dir: str) -> None:
     rank = int(os.environ["RANK"])
     layer = make_layer()
     reference = copy.deepcopy(layer)  # every expert, one process: what the answers must be
-    shadow = ShadowStore.open(shadow_dir)
-    with torch.no_grad():
-        # 1. Compile the three compute stages before the group forms (a first compile takes longer
-        #    than any collective may wait); from here on, a recompile raises.
-        ep_forward(layer, batch(0, rank), Loopback(W), compiled=True)
-        group = ElasticGroup.from_env().start()
-        step = full_since = 0  # full_since: the step from which every rank is a member again
-
-        def catch_up(step):  # every member applies the same repairs and readmissions, in order
-            return recover_across_ranks(layer, group, step=step, shadow=shadow, topology=planner.Topology(W, W),
-                                        shadow_current=True)  # serving: weights never change
-
-        if group.joined:  # a replacement: take the members' placement and step, get slots back
-            step = full_since = catch_up(None).step
-            print(f"rank {rank}: rejoined at step {step}", flush=True)
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            # every member decides alike (same step, same agreed membership): serve STEPS, and 10 more
-            # once everyone is back
-            while step < max(STEPS, full_since + 10) or len(group.members) < W:
-                assert step < MAX_STEPS, "the replacement never came back"
-                x = batch(step, rank)
-                while True:  # 2. a step that meets a dead peer raises RankFailure: recover, re-run it
-                    try:
-                        y = ep_forward(layer, x, group, compiled=True)
-                        break
-                    except RankFailure as failure:  # every survivor repairs alike, then they compare
-                        print(f"rank {rank}, step {step}: {failure}", flush=True)  # names how it was seen
-                        print(f"rank {rank}, step {step}: {catch_up(step).report.summary()}", flush=True)
-                torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
-                open(os.path.join(shadow_dir, f"served{rank}"), "w").write(str(step + 1))
-                step += 1
-                if group.step_boundary():  # 3. replacements are admitted here, agreed in-band
-                    full_since = step
-                    print(f"rank {rank}: admitted {catch_up(step).admitted} at step {step}", flush=True)
-                time.sleep(0.02)
+    # 1. Keep this rank's 4 slots and make the layer's own forward expert-parallel, its compute
+    #    compiled now, before the group forms (a first compile takes longer than a peer may wait).
+    group = ElasticGroup.from_env()
+    parallelize(layer, group, compiled=True)
+    group.start()
+    # 2. The runner re-runs a step that meets a dead peer after every member has repaired alike
+    #    (experts that lost every replica come from the shadow store), and admits replacements.
+    #    On a replacement it takes the members' placement and step.
+    runner = StepRunner(layer, group, shadow=ShadowStore.open(shadow_dir), shadow_current=True)
+    if group.joined:
+        print(f"rank {rank}: rejoined at step {runner.step}", flush=True)
+    full_since = runner.step  # every member decides alike (same step, same agreed membership)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        while runner.step < MAX_STEPS:
+            if len(group.members) < W:
+                full_since = None
+            elif full_since is None:
+                full_since = runner.step
+                print(f"rank {rank}: every rank is back at step {runner.step}", flush=True)
+            if runner.step >= STEPS and full_since is not None and runner.step >= full_since + 10:
+                break
+            step = runner.step
+            x = batch(step, rank)
+            y = runner(layer, x)  # 3. a step, released once every member has finished it
+            torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
+            open(os.path.join(shadow_dir, f"served{rank}"), "w").write(str(runner.step))
+            time.sleep(0.02)
+    for change in runner.changes:
+        print(f"rank {rank}: lost {change.lost}, admitted {change.admitted}; "
+              f"{change.report.summary() if change.report else ''}", flush=True)
     group.finish()
-    print(f"rank {rank}: served up to step {step}; no recompiles, same answers", flush=True)
+    print(f"rank {rank}: served up to step {runner.step}; no recompiles, same answers", flush=True)
 
 
 def launch() -> None:

@@ -16,9 +16,8 @@ import tempfile
 import torch
 import transformers
 
-from moe_resilient import ShadowStore, parallelize
-from moe_resilient.elastic import recover_across_ranks
-from moe_resilient.group import ElasticGroup, RankFailure
+from moe_resilient import ShadowStore, StepRunner, parallelize
+from moe_resilient.group import ElasticGroup
 from moe_resilient.hf import swap_moe_blocks
 from moe_resilient.launch import Launcher
 
@@ -44,26 +43,20 @@ def serve(shadow_dir: str) -> None:
     with torch.no_grad():  # what one process holding every expert answers
         want = [model.generate(p, max_new_tokens=5, min_new_tokens=5, do_sample=False) for p in prompts]
     group = ElasticGroup.from_env().start()
-    parallelize(model, group)  # 1. each rank keeps its 6 of the 24 expert slots; forwards are now EP
+    parallelize(model, group)  # 1. each rank keeps its 3 of the 12 expert slots; forwards are now EP
+    runner = StepRunner(model, group, shadow=ShadowStore.open(shadow_dir), shadow_current=True)
     held = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     print(f"rank {rank}: holds {held} expert weights", flush=True)
     with torch.no_grad():
         for step, prompt in enumerate(prompts):
-            if step == 2:  # 2. every rank has served two prompts; rank 3 dies
-                group.store.set(f"served/{rank}", "1")
-                if rank == VICTIM:
-                    group.store.wait([f"served/{r}" for r in range(W)])
-                    os.kill(os.getpid(), signal.SIGKILL)
-            while True:  # 3. a generate that meets the dead rank raises RankFailure: repair, re-run
-                try:
-                    got = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-                    break
-                except RankFailure as failure:
-                    change = recover_across_ranks(model, group, step=step, shadow=ShadowStore.open(shadow_dir),
-                                                  shadow_current=True)
-                    print(f"rank {rank}: {failure}; {change.report.summary()}", flush=True)
+            if step == 2 and rank == VICTIM:  # 2. every rank has served two prompts; rank 3 dies
+                os.kill(os.getpid(), signal.SIGKILL)
+            # 3. a generate that meets the dead rank is re-run once every survivor has repaired alike
+            got = runner(model.generate, prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
             assert torch.equal(got, want[step]), (rank, step)
             print(f"rank {rank}, prompt {step}: {got[0, 6:].tolist()} (same as one process)", flush=True)
+    for change in runner.changes:
+        print(f"rank {rank}: lost {change.lost}; {change.report.summary()}", flush=True)
     group.finish()
 
 
