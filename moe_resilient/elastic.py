@@ -25,7 +25,7 @@ from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.layer import ResilientMoE
 from moe_resilient.recovery import RecoveryReport, recover
 from moe_resilient.shadow import ShadowStore, resilient_layers
-from moe_resilient.transfer import PeerCopy, transfer
+from moe_resilient.transfer import PeerCopy, transfer, write
 
 
 class PlacementMismatchError(RuntimeError):
@@ -159,6 +159,7 @@ def _readmit(layers: dict[str, ResilientMoE], placements: list, joiners: list[in
     if deferred:
         try:
             received = transfer(layers, [c for c, _ in deferred], peers, "readmit")
+            write(layers, received)
             report.peer_transfers = len(deferred)
             for c, kind in deferred:
                 if c in received:
@@ -181,4 +182,53 @@ def _readmit(layers: dict[str, ResilientMoE], placements: list, joiners: list[in
         now_active[joiners] = True
         p.set_state(plans[name].phy2log, now_active, allow_uncovered=True)  # may still be short
     report.bytes_by_source = dict(report.bytes_by_source)
+    return report
+
+
+def rebalance_across_ranks(model: nn.Module, group: ElasticGroup, name: str, *, shadow: ShadowStore | None = None,
+                           topology: planner.Topology | None = None) -> RecoveryReport:
+    """Re-place every layer's experts for the members' summed load counters (``planner.rebalance``),
+    called by every member at the same step boundary; ``name`` tells rebalances apart (e.g. the step).
+    Each changed slot takes its new expert from a replica on its own rank, from a peer over the group,
+    or, for an expert with no live replica, from ``shadow``. Every new slot's weights (and tracked
+    optimizer state) are read before any slot is written, and all are written and routed only once the
+    members have committed, so a failure during it changes nothing anywhere: it raises RankFailure
+    with every member's placement as before. The load counters restart from zero."""
+    layers = resilient_layers(model)
+    topology = topology or planner.Topology(group.world_size, group.world_size)
+    posted = group.gather(f"rebalance/{name}", json.dumps([layer.expert_load.tolist() for layer in layers.values()]))
+    report = RecoveryReport([])
+    plans, staged, peer = {}, [], []
+    for i, (lname, layer) in enumerate(layers.items()):
+        p = layer.placement
+        load = np.array([sum(json.loads(v)[i][e] for v in posted.values()) for e in range(layer.config.num_experts)],
+                        dtype=np.float64)
+        plans[lname] = plan = planner.rebalance(p.phy2log.numpy(), p.slot_rank.numpy(), p.active.numpy(), load,
+                                                topology)
+        owner = p.slot_rank.tolist()
+        for target, expert, kind, src in plan.copies.tolist():
+            if src >= 0 and owner[src] != owner[target]:
+                peer.append(PeerCopy(lname, expert, src, target))
+            elif src < 0 and shadow is None:  # checked before anything changes
+                raise ValueError(f"rebalance: expert {expert} of layer {lname!r} has no live replica; it needs "
+                                 "the shadow store")
+            elif owner[target] == group.rank:  # read now: a source slot may be another copy's target
+                e = layer.experts
+                pieces = ([t.clone() for t in (*e.slot_weights(src), *e.slot_state(src))] if src >= 0
+                          else [*shadow.read_expert(lname, expert)])
+                staged.append((lname, target, pieces, planner.SOURCE_NAMES[kind]))
+    received = transfer(layers, peer, group, f"rebalance/{name}") if peer else group.commit(f"rebalance/{name}")
+    for lname, target, (w13, w2, *state), source in staged:
+        layers[lname].experts.write_slot(target, w13, w2, state=state or None)
+        report.bytes_by_source[source] += layers[lname].experts.slot_bytes
+    for c in received or {}:
+        kind = planner.peer_kind(topology, int(layers[c.layer].placement.slot_rank[c.src]), group.rank)
+        report.bytes_by_source[planner.SOURCE_NAMES[kind]] += layers[c.layer].experts.slot_bytes
+    write(layers, received or {})
+    for lname, layer in layers.items():
+        layer.placement.set_state(plans[lname].phy2log, layer.placement.active, allow_uncovered=True)
+        layer.read_load(reset=True)
+    report.peer_transfers = len(peer)
+    report.replicas_added = sum(len(plan.copies) for plan in plans.values())
+    report.bytes_by_source = {k: v for k, v in report.bytes_by_source.items() if v}
     return report

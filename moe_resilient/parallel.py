@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from moe_resilient.dispatch import Loopback, ep_forward
-from moe_resilient.elastic import MembershipChange, recover_across_ranks
+from moe_resilient.elastic import MembershipChange, rebalance_across_ranks, recover_across_ranks
+from moe_resilient.recovery import RecoveryReport
 from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.layer import ResilientMoE
 from moe_resilient.shadow import resilient_layers
@@ -138,6 +139,16 @@ class StepRunner:
         self.changes: list[MembershipChange] = []
         if group.joined:
             self.step = self._catch_up(None).step or 0
+
+    def rebalance(self) -> RecoveryReport | None:
+        """Re-place every layer's experts for the load the members have routed since the last one
+        (``elastic.rebalance_across_ranks``); call it on every member between the same two steps. A
+        failure during it changes no placement; the loss is repaired and None returned."""
+        try:
+            return rebalance_across_ranks(self.model, self.group, f"step{self.step}", shadow=self.shadow)
+        except RankFailure:
+            self._catch_up(self.step)
+            return None
 
     def _catch_up(self, step: int | None) -> MembershipChange:
         change = recover_across_ranks(self.model, self.group, step=step, shadow=self.shadow, **self.recover_kwargs)

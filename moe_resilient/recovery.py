@@ -27,7 +27,7 @@ from moe_resilient.group import ElasticGroup, RankFailure
 from moe_resilient.layer import ResilientMoE
 from moe_resilient.placement import PlacementError
 from moe_resilient.shadow import ShadowStore, resilient_layers
-from moe_resilient.transfer import PeerCopy, transfer
+from moe_resilient.transfer import PeerCopy, transfer, write
 
 _SHADOW_KINDS = (planner.SOURCE_SHADOW_MEMORY, planner.SOURCE_SHADOW_DISK)
 
@@ -225,6 +225,7 @@ def run_peer_copies(layers: dict[str, ResilientMoE], copies: list[tuple[PeerCopy
     if group is not None:
         try:
             received = transfer(layers, [c for c, _ in copies], group, name)
+            write(layers, received)
         except RankFailure:
             pass
     if received is not None:

@@ -38,10 +38,11 @@ def _payload_bytes(layer: ResilientMoE) -> int:
 
 
 def transfer(layers: dict[str, ResilientMoE], copies: list[PeerCopy], group: ElasticGroup, name: str
-             ) -> list[PeerCopy]:
-    """Run ``copies`` (the same list, in the same order, on every member) and write each into its
-    target slot on the target's owner; placements are not touched. Returns the copies this rank
-    received. Raises RankFailure (on every member alike, through the commit) if a member is lost."""
+             ) -> dict[PeerCopy, list[torch.Tensor]]:
+    """Run ``copies`` (the same list, in the same order, on every member). Returns what this rank
+    received: per copy, its weights (w13, w2) and its tracked optimizer state rows, to write with
+    ``write``; nothing is written here. Raises RankFailure (on every member alike, through the
+    commit) if a member is lost."""
     me = group.rank
     send: list[list[torch.Tensor]] = [[] for _ in range(group.world_size)]
     send_counts = [0] * group.world_size
@@ -67,6 +68,7 @@ def transfer(layers: dict[str, ResilientMoE], copies: list[PeerCopy], group: Ela
     at, start = {}, 0
     for r in range(group.world_size):
         at[r], start = start, start + recv_counts[r]
+    received = {}
     for c, src in mine:
         e = layers[c.layer].experts
         pieces = []
@@ -74,5 +76,11 @@ def transfer(layers: dict[str, ResilientMoE], copies: list[PeerCopy], group: Ela
             n = like.numel() * like.element_size()
             pieces.append(got[at[src]: at[src] + n].view(like.dtype).view(like.shape))
             at[src] += n
-        e.write_slot(c.target, pieces[0], pieces[1], state=pieces[2:])
-    return [c for c, _ in mine]
+        received[c] = pieces
+    return received
+
+
+def write(layers: dict[str, ResilientMoE], received: dict[PeerCopy, list[torch.Tensor]]) -> None:
+    """Write what ``transfer`` received into the target slots, weights and optimizer state."""
+    for c, (w13, w2, *state) in received.items():
+        layers[c.layer].experts.write_slot(c.target, w13, w2, state=state)

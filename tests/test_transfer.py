@@ -57,6 +57,23 @@ def test_a_replacement_gets_its_slots_back_from_peers(tmp_path):
         assert got["steps"] == joiner["steps"] and got["placement"] == joiner["placement"]
 
 
+def test_rebalance_moves_experts_between_ranks_and_serves_on(tmp_path):
+    """Every rank rebalances for the load it routed in steps 0-2: slots change experts, each filled from
+    a replica on its own rank or over the group, then routed everywhere at once; outputs stay right."""
+    codes, logs, results = _run(tmp_path, "rebalance")
+    assert codes == {r: 0 for r in range(W)}, (codes, logs)
+    assert sorted(results) == ["rank0_0", "rank1_0", "rank2_0", "rank3_0"]
+    received = 0
+    for got in results.values():
+        assert got["out_err"] < 1e-5 and got["weights_err"] == 0.0, got
+        done = got["rebalanced"]
+        assert done["copies"] > 0 and done["peer_transfers"] > 0 and done["before"] != got["placement"], done
+        assert set(done["bytes"]) <= {"local_replica", "peer_same_host"}, done
+        received += done["bytes"].get("peer_same_host", 0)
+        assert got["placement"] == results["rank0_0"]["placement"]
+    assert received == done["peer_transfers"] * got["slot_bytes"]
+
+
 @pytest.mark.parametrize("attempt", range(2))
 def test_a_transfer_cut_by_a_death_leaves_every_survivor_alike(tmp_path, attempt):
     """Rank 2 dies as the repair for rank 3 starts its transfer: the transfer fails on every survivor,

@@ -1,9 +1,9 @@
 """One rank of the peer-transfer tests: two sharded ResilientMoE layers over 4 ranks, every expert on
 two ranks and one spare slot per rank, served through StepRunner with no shadow store at all, so
-every copy a repair or readmission makes must come from a peer. Rank 3 SIGKILLs itself at step 3.
-Modes: "repair" (survivors restore lost redundancy from peers), "cut" (rank 2 dies as the transfer
+every copy a repair or readmission makes must come from a peer. Rank 3 SIGKILLs itself at step 3
+(but in "rebalance"). Modes: "repair" (survivors restore lost redundancy from peers), "cut" (rank 2 dies as the transfer
 starts; a step-0 shadow covers experts both ranks held), "rejoin" (rank 3's replacement gets every
-slot back from peers), "train" (AdamW through the loss: a repaired replica takes its optimizer state
+slot back from peers), "rebalance" (every rank alive; all rebalance at step 3), "train" (AdamW through the loss: a repaired replica takes its optimizer state
 from its peer)."""
 
 import json
@@ -100,7 +100,12 @@ if __name__ == "__main__":
             if runner.step >= STEPS and (mode != "rejoin" or (full_since is not None and runner.step >= full_since + 3)):
                 break
             step = runner.step
-            if step == 3 and rank == 3 and not group.joined:
+            if step == 3 and mode == "rebalance":
+                before = [layer.placement.phy2log.tolist() for layer in model]
+                report = runner.rebalance()
+                rebalanced = {"before": before, "peer_transfers": report.peer_transfers, "bytes": report.bytes_by_source,
+                              "copies": report.replicas_added}
+            elif step == 3 and rank == 3 and not group.joined:
                 os.kill(os.getpid(), signal.SIGKILL)
             y = runner(model, batch(rank, step))
             errs.append(float((y - reference(batch(rank, step))).abs().max()))
@@ -110,6 +115,7 @@ if __name__ == "__main__":
                 "peer_transfers": c.report.peer_transfers if c.report else 0,
                 "skipped": c.report.redundancy_skipped if c.report else None} for c in runner.changes]
     json.dump({"out_err": max(errs), "steps": runner.step, "weights_err": weights_err(model, reference),
+               "rebalanced": rebalanced if mode == "rebalance" else None,
                "changes": reports, "joined": group.joined, "slot_bytes": model[0].experts.slot_bytes,
                "placement": [layer.placement.phy2log.tolist() for layer in model]},
               open(os.path.join(out_dir, f"rank{rank}_{int(group.joined)}.json"), "w"))
