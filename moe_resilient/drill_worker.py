@@ -128,7 +128,7 @@ def worker(args) -> int:
         return 0
     timing = {"heartbeat_timeout": args.heartbeat_timeout} if args.heartbeat_timeout else {}
     group = ElasticGroup.from_env(timeout=args.collective_timeout, **timing).start()
-    topology = planner.Topology(group.world_size, args.ranks_per_host or group.world_size)
+    topology = group.topology(args.ranks_per_host)
 
     def catch_up(step, carry=None):  # every member applies the same repairs and readmissions (elastic.py)
         return recover_across_ranks(model, group, step=step, shadow=shadow, topology=topology, carry=carry,

@@ -85,7 +85,7 @@ def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | N
     ``change.carried`` holds every member's, alike on every member. ``recover_kwargs`` go to
     ``recover``. With no generation to catch up on, nothing changes."""
     layers = resilient_layers(model)
-    topology = topology or planner.Topology(group.world_size, group.world_size)
+    topology = topology or group.topology()
     change = MembershipChange()
     g = group.placement_generation
     while g < group.generation:  # a peer transfer cut by a new failure moves the group on meanwhile
@@ -104,8 +104,8 @@ def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | N
         if bad:
             raise PlacementMismatchError(f"ranks disagree on the placement of layers {bad} (generation {g})")
         if joiners:
-            change.report = _readmit(layers, posted[min(members)]["placement"], joiners, shadow, group.rank,
-                                     topology, peers)
+            change.report = _readmit(layers, posted[min(members)]["placement"], joiners, shadow,
+                                     bool(recover_kwargs.get("shadow_current")), group.rank, topology, peers)
         else:
             load = {name: torch.tensor([sum(p["load"][i][e] for p in members.values()) for e in range(
                 layer.config.num_experts)]) for i, (name, layer) in enumerate(layers.items())} if lost else None
@@ -120,30 +120,48 @@ def recover_across_ranks(model: nn.Module, group: ElasticGroup, *, step: int | N
     return change
 
 
+def pick_source(expert: int, target: int, phy2log, owner, active, topology: planner.Topology, peers: bool,
+                shadow: ShadowStore | None, shadow_current: bool) -> tuple[int | None, int]:
+    """(source kind, source slot or -1 for the shadow) of a copy of ``expert`` into slot ``target``: the
+    cheapest of its live replicas this rank can read (any member's with ``peers``) and the shadow when
+    it is current (or when the expert has no live replica at all); (None, -1) when there is none.
+    Every member decides alike from the same tables."""
+    cost = topology.seconds_per_byte
+    live = [s for s, e in enumerate(phy2log) if e == expert and active[owner[s]]]
+    options = [(cost[planner.peer_kind(topology, owner[s], owner[target])], s) for s in live
+               if peers or owner[s] == owner[target]]
+    if shadow is not None and (shadow_current or not live):
+        options.append((cost[planner.SOURCE_SHADOW_MEMORY], -1))
+    if not options:
+        return None, -1
+    src = min(options)[1]
+    return (planner.SOURCE_SHADOW_MEMORY if src < 0 else planner.peer_kind(topology, owner[src], owner[target])), src
+
+
 def _readmit(layers: dict[str, ResilientMoE], placements: list, joiners: list[int], shadow: ShadowStore | None,
-             rank: int, topology: planner.Topology, peers: ElasticGroup | None) -> RecoveryReport:
+             shadow_current: bool, rank: int, topology: planner.Topology, peers: ElasticGroup | None
+             ) -> RecoveryReport:
     """Adopt ``placements`` ([phy2log, active] per layer, from the previous generation), then give the
     joiners slots back by the deterministic readmission plan. Each target slot is filled from its
-    cheapest source: a replica on its own rank, a replica on another member over ``peers`` (in one
-    transfer for every layer), or ``shadow``. Targets are out of routing (a joiner's slot is on a
-    dead rank, any other is spare) until one flip per layer at the end; if the transfer fails, its
-    copies come from the shadow, or their targets stay empty without one."""
+    cheapest source (``pick_source``): a replica on its own rank, a replica on another member over
+    ``peers`` (in one transfer for every layer), or ``shadow``; with none, it stays empty. Targets are
+    out of routing (a joiner's slot is on a dead rank, any other is spare) until one flip per layer
+    at the end; if the transfer fails, its copies come from the shadow, or stay empty without one."""
     report = RecoveryReport([])
     plans, local, deferred = {}, [], []
     for (name, layer), (phy2log, active) in zip(layers.items(), placements):
         owner = layer.placement.slot_rank.tolist()
         plans[name] = plan = planner.readmit_plan(phy2log, owner, active, joiners, np.ones(layer.config.num_experts),
                                                   topology)
-        for target, expert, kind, src in plan.copies.tolist():
-            if src >= 0 and owner[src] != owner[target]:
-                if peers is not None:
-                    deferred.append((PeerCopy(name, expert, src, target), kind))
-                    continue
-                kind, src = planner.SOURCE_SHADOW_MEMORY, -1
-            if src < 0 and shadow is None:  # checked before anything changes
-                raise ValueError(f"readmitting replacements: expert {expert} of layer {name!r} has no replica "
-                                 "to copy from here; it needs the shadow store")
-            if owner[target] == rank:  # each target's owner writes it
+        for target, expert, _, _ in plan.copies.tolist():
+            kind, src = pick_source(expert, target, phy2log, owner, active, topology, peers is not None, shadow,
+                                    shadow_current)
+            if kind is None:  # no source that agrees with the live replicas: the slot stays empty
+                plan.phy2log[target] = -1
+                report.redundancy_skipped.setdefault(name, []).append(expert)
+            elif src >= 0 and owner[src] != owner[target]:
+                deferred.append((PeerCopy(name, expert, src, target), kind))
+            elif owner[target] == rank:  # each target's owner writes it
                 local.append((name, target, expert, kind, src))
     for (name, layer), (phy2log, active) in zip(layers.items(), placements):
         layer.placement.set_state(torch.tensor(phy2log), torch.tensor(active), allow_uncovered=True)
@@ -186,16 +204,17 @@ def _readmit(layers: dict[str, ResilientMoE], placements: list, joiners: list[in
 
 
 def rebalance_across_ranks(model: nn.Module, group: ElasticGroup, name: str, *, shadow: ShadowStore | None = None,
-                           topology: planner.Topology | None = None) -> RecoveryReport:
+                           shadow_current: bool = False, topology: planner.Topology | None = None) -> RecoveryReport:
     """Re-place every layer's experts for the members' summed load counters (``planner.rebalance``),
     called by every member at the same step boundary; ``name`` tells rebalances apart (e.g. the step).
-    Each changed slot takes its new expert from a replica on its own rank, from a peer over the group,
-    or, for an expert with no live replica, from ``shadow``. Every new slot's weights (and tracked
+    Each changed slot takes its new expert from its cheapest source (``pick_source``): a replica on its
+    own rank, a peer's over the group, or ``shadow`` (when current, or for an expert with no live
+    replica). Every new slot's weights (and tracked
     optimizer state) are read before any slot is written, and all are written and routed only once the
     members have committed, so a failure during it changes nothing anywhere: it raises RankFailure
     with every member's placement as before. The load counters restart from zero."""
     layers = resilient_layers(model)
-    topology = topology or planner.Topology(group.world_size, group.world_size)
+    topology = topology or group.topology()
     posted = group.gather(f"rebalance/{name}", json.dumps([layer.expert_load.tolist() for layer in layers.values()]))
     report = RecoveryReport([])
     plans, staged, peer = {}, [], []
@@ -205,13 +224,14 @@ def rebalance_across_ranks(model: nn.Module, group: ElasticGroup, name: str, *, 
                         dtype=np.float64)
         plans[lname] = plan = planner.rebalance(p.phy2log.numpy(), p.slot_rank.numpy(), p.active.numpy(), load,
                                                 topology)
-        owner = p.slot_rank.tolist()
-        for target, expert, kind, src in plan.copies.tolist():
-            if src >= 0 and owner[src] != owner[target]:
-                peer.append(PeerCopy(lname, expert, src, target))
-            elif src < 0 and shadow is None:  # checked before anything changes
+        owner, phy2log, active = p.slot_rank.tolist(), p.phy2log.tolist(), p.active.tolist()
+        for target, expert, _, _ in plan.copies.tolist():
+            kind, src = pick_source(expert, target, phy2log, owner, active, topology, True, shadow, shadow_current)
+            if kind is None:  # checked before anything changes
                 raise ValueError(f"rebalance: expert {expert} of layer {lname!r} has no live replica; it needs "
                                  "the shadow store")
+            if src >= 0 and owner[src] != owner[target]:
+                peer.append(PeerCopy(lname, expert, src, target))
             elif owner[target] == group.rank:  # read now: a source slot may be another copy's target
                 e = layer.experts
                 pieces = ([t.clone() for t in (*e.slot_weights(src), *e.slot_state(src))] if src >= 0

@@ -134,7 +134,8 @@ class ElasticGroup(Collectives):
     heartbeat (a live rank stuck outside the collective). ``agree_timeout`` (s): the longest
     agreement waits for a survivor to check in, a member to show up, or a join request to be written.
     ``start_timeout`` / ``join_timeout`` (s): the longest ``start`` waits for every rank to arrive, or
-    for this replacement to be admitted.
+    for this replacement to be admitted. ``peer_bytes_per_s``: what copying weights between members
+    moves (gloo over TCP: benchmarks/RESULTS.md), against which repairs weigh the shadow store.
     """
 
     def __init__(
@@ -150,6 +151,7 @@ class ElasticGroup(Collectives):
         agree_timeout: float = 5.0,
         start_timeout: float = 60.0,
         join_timeout: float = 120.0,
+        peer_bytes_per_s: float = 1e9,
         prefix: str = "moe_resilient",
     ):
         if not 0 <= rank < world_size:
@@ -162,6 +164,7 @@ class ElasticGroup(Collectives):
         self.poll_interval = min(1.5 * heartbeat_interval, heartbeat_timeout / 4)
         self.heartbeat_timeout, self.agree_timeout = heartbeat_timeout, agree_timeout
         self.start_timeout, self.join_timeout = start_timeout, join_timeout
+        self.peer_bytes_per_s = peer_bytes_per_s
         self._host, self._port, self._prefix = host, port, prefix
         self.store = self._connect()
         self.incarnation = int(self.store.add(f"inc/{rank}", 1))
@@ -195,6 +198,14 @@ class ElasticGroup(Collectives):
         except KeyError as exc:
             raise RuntimeError(f"ElasticGroup.from_env: {exc.args[0]} is not set") from None
         return cls(host, int(port), rank, world, **kwargs)
+
+    def topology(self, ranks_per_host: int | None = None):
+        """The planner's copy costs for this group: ``ranks_per_host`` (default: all on one host), a
+        copy between members at ``peer_bytes_per_s``."""
+        from moe_resilient import planner
+
+        return planner.Topology(self.world_size, ranks_per_host or self.world_size,
+                                intra_host_bw=self.peer_bytes_per_s, inter_host_bw=min(self.peer_bytes_per_s, 12.5e9))
 
     def _connect(self) -> dist.Store:
         client = dist.TCPStore(self._host, self._port, is_master=False, timeout=_timedelta(30), wait_for_workers=False)

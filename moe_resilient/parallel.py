@@ -145,7 +145,8 @@ class StepRunner:
         (``elastic.rebalance_across_ranks``); call it on every member between the same two steps. A
         failure during it changes no placement; the loss is repaired and None returned."""
         try:
-            return rebalance_across_ranks(self.model, self.group, f"step{self.step}", shadow=self.shadow)
+            return rebalance_across_ranks(self.model, self.group, f"step{self.step}", shadow=self.shadow,
+                                          shadow_current=bool(self.recover_kwargs.get("shadow_current")))
         except RankFailure:
             self._catch_up(self.step)
             return None
