@@ -43,6 +43,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import socket
 import threading
 import time
 
@@ -52,6 +53,7 @@ from moe_resilient.collectives import Collectives
 from moe_resilient.detector import FailureDetector, Members, Stall
 
 STORE_ENV = "MOE_RESILIENT_STORE"  # host:port of a store outside the worker nodes (moe-resilient store)
+TRANSPORT_ENV = "MOE_RESILIENT_TRANSPORT"  # "auto" (shared memory on one host) or "gloo"
 
 
 class RankFailure(RuntimeError):
@@ -136,6 +138,8 @@ class ElasticGroup(Collectives):
     ``start_timeout`` / ``join_timeout`` (s): the longest ``start`` waits for every rank to arrive, or
     for this replacement to be admitted. ``peer_bytes_per_s``: what copying weights between members
     moves (gloo over TCP: benchmarks/RESULTS.md), against which repairs weigh the shadow store.
+    ``transport`` (default ``MOE_RESILIENT_TRANSPORT`` or "auto"): "auto" runs the all-to-alls through
+    shared memory (shm.py) whenever every member of a generation shares this host, "gloo" never.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class ElasticGroup(Collectives):
         start_timeout: float = 60.0,
         join_timeout: float = 120.0,
         peer_bytes_per_s: float = 1e9,
+        transport: str | None = None,
         prefix: str = "moe_resilient",
     ):
         if not 0 <= rank < world_size:
@@ -165,6 +170,11 @@ class ElasticGroup(Collectives):
         self.heartbeat_timeout, self.agree_timeout = heartbeat_timeout, agree_timeout
         self.start_timeout, self.join_timeout = start_timeout, join_timeout
         self.peer_bytes_per_s = peer_bytes_per_s
+        self.transport = transport or os.environ.get(TRANSPORT_ENV, "auto")
+        if self.transport not in ("auto", "gloo"):
+            raise ValueError(f"transport {self.transport!r}: use 'auto' (shared memory among ranks of one host) "
+                             "or 'gloo'")
+        self._shm = None  # shm.ShmExchange of this generation, when every member shares this host
         self._host, self._port, self._prefix = host, port, prefix
         self.store = self._connect()
         self.incarnation = int(self.store.add(f"inc/{rank}", 1))
@@ -216,6 +226,7 @@ class ElasticGroup(Collectives):
         """Form generation 0 with every rank, or, if the group already runs, ask to be admitted and
         wait until a generation lists this incarnation."""
         self.detector.start()
+        self.store.set(f"host/{self.rank}/{self.incarnation}", socket.gethostname())
         if self.store.check(["gen"]):
             return self._join()
         self.store.set(f"init/{self.rank}", str(self.incarnation))
@@ -267,7 +278,25 @@ class ElasticGroup(Collectives):
         if self._pg is not None:
             _retire(self._pg)
         self._pg = pg
+        self._use_shm(g)
         return []
+
+    @property
+    def job(self) -> str:
+        """Names this job's shared-memory segments: its store's address and prefix."""
+        return f"{self._host}_{self._port}_{self._prefix}"
+
+    def _use_shm(self, g: int) -> None:
+        """Map generation g's shared-memory segment if every member shares this host (and the transport
+        allows it); the lowest member removes the previous generation's file (mappings outlive it)."""
+        from moe_resilient import shm
+
+        old, self._shm = self._shm, None
+        hosts = self.store.multi_get([f"host/{r}/{i}" for r, i in sorted(self.incarnations.items())])
+        if self.transport == "auto" and len(set(hosts)) == 1 and os.path.isdir(shm.SHM_DIR):
+            self._shm = shm.ShmExchange(shm.segment_path(self.job, g), self.rank, self.world_size)
+        if old is not None:
+            old.close(unlink=self.rank == min(self.members))
 
     def _connect_gloo(self, g: int):
         """Generation g's gloo group, built on a thread while this one watches the members: gloo would
@@ -333,6 +362,8 @@ class ElasticGroup(Collectives):
 
     def close(self) -> None:
         self.detector.stop()
+        if self._shm is not None:
+            self._shm.close(unlink=bool(self.members) and self.rank == min(self.members))
 
     # ----------------------------------------------------------------------------------- collectives
     def _run(self, work_fn):
@@ -435,6 +466,11 @@ class ElasticGroup(Collectives):
         self.store.compare_set("gen", str(g), str(g + 1))
         return sorted(set(lost) | set(self._form(g + 1, survivors)))
 
+    def _agreement_pending(self) -> bool:
+        """A member has reported a failure in the current generation and this one has not checked in."""
+        mask = int(self.store.add(f"gen/{self.generation}/checkin_bits", 0))
+        return bool(mask) and not mask >> self.rank & 1
+
     def _missing(self) -> set[int]:
         """Before this generation's gloo group forms (its rendezvous waits for every member for gloo's
         whole deadline, then fails): wait until every member has shown up. Returns those that have not
@@ -464,7 +500,9 @@ class ElasticGroup(Collectives):
         returns {rank: value} of the members that count: those that posted before every other one was
         known dead or stalled (or ``agree_timeout`` passed), decided once by compare_set. Every member
         gets the same dict, however late it comes and whoever dies meanwhile: store traffic only, no
-        collective that could complete on some members and fail on others."""
+        collective that could complete on some members and fail on others. While it waits, a failure
+        reported in the current generation is agreed on here (a member agreeing would otherwise wait
+        for this one to check in, while this one waits for its post)."""
         g = self.generation if generation is None else generation
         members = self._membership(g)
         base = f"gen/{g}/gather/{name}"
@@ -476,6 +514,8 @@ class ElasticGroup(Collectives):
             now = time.monotonic()
             if waiting and now - last_poll >= self.poll_interval:
                 last_poll, stalled = now, set(stall.poll(waiting))
+                if self._agreement_pending():  # a member it waits for may be agreeing, waiting for it
+                    self._agree()
             if not set(waiting) - self.detector.known_dead(waiting) - stalled or now - start > self.agree_timeout:
                 posted = [r for r in members if self.store.check([f"{base}/{r}"])]  # the dead post no more
                 self.store.compare_set(closed, "", json.dumps(posted))

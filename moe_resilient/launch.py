@@ -19,6 +19,7 @@ import time
 
 import torch.distributed as dist
 
+from moe_resilient import shm
 from moe_resilient.liveness import ENV as LIVENESS_ENV
 from moe_resilient.liveness import LivenessBoard
 
@@ -145,6 +146,7 @@ class Launcher:
         for f in self._logs:
             f.close()
         self.board.unlink()
+        shm.unlink_job(f"{self.host}_{self.port}_")  # what ranks killed mid-generation left behind
 
     def __enter__(self) -> Launcher:
         return self.start()

@@ -1,0 +1,73 @@
+"""One rank of the shared-memory transport tests (tests/test_shm.py).
+
+    python shm_worker.py OUT equal          every exchange through shared memory equals gloo's, bit for bit
+    python shm_worker.py OUT kill VICTIM    VICTIM SIGKILLs itself halfway through posting a large exchange
+"""
+
+import json
+import os
+import signal
+import sys
+
+import torch
+
+from moe_resilient.group import ElasticGroup, RankFailure
+
+SHAPES = [0, 1, 5, 300_000]  # rows to a peer: none, one, a few, and more than one message (1 MiB) of fp32 x 4
+
+
+def exchange(group, sizes, dtype, width, seed):
+    """Rows for each member: sizes[(src, dst)] rows of ``width``, values from (src, dst, seed)."""
+    g = torch.Generator().manual_seed(seed * 100 + group.rank)
+    send_counts = torch.tensor([sizes[(group.rank, d)] for d in range(group.world_size)])
+    recv_counts = torch.tensor([sizes[(s, group.rank)] for s in range(group.world_size)])
+    send = torch.randn(int(send_counts.sum()), width, generator=g).to(dtype)
+    return group.all_to_all(send, send_counts, recv_counts)
+
+
+if __name__ == "__main__":
+    out_dir, mode = sys.argv[1], sys.argv[2]
+    group = ElasticGroup.from_env(timeout=20.0).start()
+    rank, W = group.rank, group.world_size
+    result = {"shm": group._shm is not None}
+    if mode == "equal":
+        equal = []
+        for seed in range(12):
+            rng = torch.Generator().manual_seed(seed)
+            sizes = {(s, d): SHAPES[int(torch.randint(len(SHAPES) - (seed % 2), (1,), generator=rng))]
+                     for s in range(W) for d in range(W)}
+            for dtype in (torch.float32, torch.bfloat16):
+                width = 4 if sizes and max(sizes.values()) > 1000 else 33
+                via_shm = exchange(group, sizes, dtype, width, seed)
+                shm, group._shm = group._shm, None
+                via_gloo = exchange(group, sizes, dtype, width, seed)
+                group._shm = shm
+                equal.append(bool(torch.equal(via_shm, via_gloo)) and via_shm.dtype == dtype)
+        result["equal"] = equal
+    else:
+        victim = int(sys.argv[3])
+        sizes = {(s, d): 300_000 for s in range(W) for d in range(W)}  # 5 messages per pair
+        if rank == victim:
+            from moe_resilient import shm
+            real = shm._post
+            posted = [0]
+
+            def post_then_die(*args):  # dies after its second message to anyone: mid-transfer
+                ok = real(*args)
+                posted[0] += ok
+                if posted[0] == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return ok
+            shm._post = post_then_die
+        try:
+            exchange(group, sizes, torch.float32, 4, 0)
+            result["error"] = None
+        except RankFailure as failure:
+            result["error"] = str(failure)
+            result["lost"] = failure.lost_ranks
+        after = exchange(group, {(s, d): 7 for s in range(W) for d in range(W)}, torch.float32, 3, 1)  # goes on
+        result["after_rows"] = after.shape[0]
+    json.dump(result, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
+    group.finish()
+    sys.stdout.flush()
+    os._exit(0)
