@@ -378,12 +378,15 @@ class ElasticGroup(Collectives):
         except FencedError:
             raise
         except Exception as exc:  # gloo: "Connection closed by peer"; _wait: hung peer or a peer's report
-            if isinstance(work, _StoreBarrier) and work.abandon():
-                return  # decided complete before this member gave up: it completed for everyone
+            if hasattr(work, "abandon") and work.abandon():  # a store barrier or a shared-memory exchange
+                return  # it had completed after all (a barrier: decided so for everyone)
+            exchange = work if hasattr(work, "drop") else None
             work = None  # the traceback keeps this frame: drop its hold on the old group (see _retire)
             self.last_failure_detect_s = time.monotonic()
             cause = str(exc).splitlines()[0][:160]
             lost = self._agree(stall[0] if stall else None)
+            if exchange is not None:
+                exchange.drop(lost)
             raise RankFailure(lost, self.generation, f"cause: {cause}") from None
 
     def _wait(self, work, stall: list) -> None:

@@ -62,6 +62,9 @@ class ShmExchange:
         finally:
             os.close(fd)
         self.segment = torch.frombuffer(self._map, dtype=torch.uint8)
+        # live-rank mask [W], at a fixed address: the ranks agreed lost while an exchange waited on them
+        # are cleared here (their rows count as none) before the group raises RankFailure
+        self.live = torch.ones(world_size, dtype=torch.bool)
         self.sent = [0] * world_size  # messages this rank has posted to each rank
         self.taken = [0] * world_size  # messages this rank has taken from each rank
 
@@ -88,11 +91,12 @@ class ShmExchange:
         return ShmWork(self, [m for ms in posts for m in ms], [m for ms in takes for m in ms])
 
     def _messages(self, peer: int, data: torch.Tensor, counts: list[int], outgoing: bool) -> list[tuple]:
-        """(slot offset, bytes, seq) of each message carrying ``data`` to or from ``peer`` (one at least)."""
+        """(slot offset, bytes, seq, peer) of each message carrying ``data`` to or from ``peer`` (one at
+        least)."""
         n = max(1, -(-data.numel() // self.capacity))
         first, counts[peer] = counts[peer] + 1, counts[peer] + n
         offset = self.slot(self.rank, peer) if outgoing else self.slot(peer, self.rank)
-        return [(offset, data[i * self.capacity:(i + 1) * self.capacity], first + i) for i in range(n)]
+        return [(offset, data[i * self.capacity:(i + 1) * self.capacity], first + i, peer) for i in range(n)]
 
     def close(self, unlink: bool = False) -> None:
         if unlink:
@@ -128,6 +132,19 @@ class ShmWork:
 
     def is_completed(self) -> bool:
         return self._progress()
+
+    def abandon(self) -> bool:
+        """Give up (a peer is dead or hung); returns True only if the exchange had in fact completed."""
+        return self._progress()
+
+    def drop(self, lost: list[int]) -> None:
+        """After agreement: clear the ``lost`` ranks in the live mask; rows still due from them count
+        as none (zeroed)."""
+        for r in lost:
+            self.exchange.live[r] = False
+        for _, out, _, src in self.takes:
+            if src in lost:
+                out.zero_()
 
     def wait(self, timeout: datetime.timedelta | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()

@@ -59,12 +59,15 @@ if __name__ == "__main__":
                     os.kill(os.getpid(), signal.SIGKILL)
                 return ok
             shm._post = post_then_die
+        before = group._shm
         try:
             exchange(group, sizes, torch.float32, 4, 0)
             result["error"] = None
         except RankFailure as failure:
             result["error"] = str(failure)
             result["lost"] = failure.lost_ranks
+        result["mask"] = before.live.tolist()  # the failed generation's live-rank mask
+        result["fresh_mask"] = group._shm.live.tolist()
         after = exchange(group, {(s, d): 7 for s in range(W) for d in range(W)}, torch.float32, 3, 1)  # goes on
         result["after_rows"] = after.shape[0]
     json.dump(result, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))

@@ -40,8 +40,8 @@ def test_exchanges_equal_gloo_bit_for_bit(tmp_path):
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_sender_killed_mid_transfer_is_lost_and_survivors_go_on(tmp_path, victim):
     """The victim dies after posting its second 1 MiB message of a 4.6 MiB-per-pair exchange: the
-    survivors see it gone on the liveness board, agree it away with RankFailure, and the next exchange
-    (a fresh segment) goes through between them."""
+    survivors see it gone on the liveness board, clear it in the exchange's live-rank mask, agree it
+    away with RankFailure, and the next exchange (a fresh segment) goes through between them."""
     codes, logs, results, _ = _run(tmp_path, "kill", str(victim))
     survivors = [r for r in range(3) if r != victim]
     assert codes == {r: -signal.SIGKILL if r == victim else 0 for r in range(3)}, logs
@@ -49,6 +49,8 @@ def test_a_sender_killed_mid_transfer_is_lost_and_survivors_go_on(tmp_path, vict
     for r in survivors:
         assert results[r]["lost"] == [victim] and "liveness board" in results[r]["error"], results[r]
         assert results[r]["after_rows"] == 2 * 7  # from the two survivors
+        # the exchange that met the death cleared the victim in its mask; the new generation's is fresh
+        assert results[r]["mask"] == [i != victim for i in range(3)] and all(results[r]["fresh_mask"])
 
 
 def test_messages_are_published_last(tmp_path):
