@@ -1,7 +1,8 @@
 """One rank of the shared-memory transport tests (tests/test_shm.py).
 
     python shm_worker.py OUT equal          every exchange through shared memory equals gloo's, bit for bit
-    python shm_worker.py OUT kill VICTIM    VICTIM SIGKILLs itself halfway through posting a large exchange
+    python shm_worker.py OUT kill VICTIMS [stop]   VICTIMS (1 or 1,2) SIGKILL (or SIGSTOP) themselves
+                                                   halfway through posting a large exchange
 """
 
 import json
@@ -11,7 +12,7 @@ import sys
 
 import torch
 
-from moe_resilient.group import ElasticGroup, RankFailure
+from moe_resilient.group import ElasticGroup, FencedError, RankFailure
 
 SHAPES = [0, 1, 5, 300_000]  # rows to a peer: none, one, a few, and more than one message (1 MiB) of fp32 x 4
 
@@ -45,18 +46,19 @@ if __name__ == "__main__":
                 equal.append(bool(torch.equal(via_shm, via_gloo)) and via_shm.dtype == dtype)
         result["equal"] = equal
     else:
-        victim = int(sys.argv[3])
+        victims = [int(v) for v in sys.argv[3].split(",")]
+        how = signal.SIGSTOP if sys.argv[4:] == ["stop"] else signal.SIGKILL
         sizes = {(s, d): 300_000 for s in range(W) for d in range(W)}  # 5 messages per pair
-        if rank == victim:
+        if rank in victims:
             from moe_resilient import shm
             real = shm._post
             posted = [0]
 
-            def post_then_die(*args):  # dies after its second message to anyone: mid-transfer
+            def post_then_die(*args):  # dies (or hangs) after its second message to anyone: mid-transfer
                 ok = real(*args)
                 posted[0] += ok
                 if posted[0] == 2:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(os.getpid(), how)
                 return ok
             shm._post = post_then_die
         before = group._shm
@@ -66,9 +68,17 @@ if __name__ == "__main__":
         except RankFailure as failure:
             result["error"] = str(failure)
             result["lost"] = failure.lost_ranks
+        except FencedError:  # a hung victim, woken: the others went on without it
+            json.dump({"fenced": True}, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
+            os._exit(3)
         result["mask"] = before.live.tolist()  # the failed generation's live-rank mask
         result["fresh_mask"] = group._shm.live.tolist()
-        after = exchange(group, {(s, d): 7 for s in range(W) for d in range(W)}, torch.float32, 3, 1)  # goes on
+        while True:  # goes on (a second victim may only be agreed away here)
+            try:
+                after = exchange(group, {(s, d): 7 for s in range(W) for d in range(W)}, torch.float32, 3, 1)
+                break
+            except RankFailure as failure:
+                result["lost"] += failure.lost_ranks
         result["after_rows"] = after.shape[0]
     json.dump(result, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
     group.finish()

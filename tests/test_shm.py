@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -16,9 +17,15 @@ from moe_resilient.launch import Launcher
 HERE = os.path.dirname(__file__)
 
 
-def _run(tmp_path, *args, nproc=3):
+def _run(tmp_path, *args, nproc=3, wake=None):
+    """Run the worker on ``nproc`` ranks; ``wake``: a hung rank to SIGCONT once the others are done."""
     cmd = [sys.executable, os.path.join(HERE, "shm_worker.py"), str(tmp_path), *args]
     with Launcher(nproc, cmd, log_dir=str(tmp_path / "logs")) as launcher:
+        if wake is not None:
+            deadline = time.monotonic() + 120
+            while len(glob.glob(str(tmp_path / "rank*.json"))) < nproc - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            launcher.kill(wake, signal.SIGCONT)
         codes = launcher.wait(120)
         job = f"{launcher.host}_{launcher.port}_"
     logs = {r: open(tmp_path / "logs" / f"rank{r}.log").read()[-2000:] for r in range(nproc)}
@@ -67,3 +74,24 @@ def test_messages_are_published_last(tmp_path):
     assert shm._post(ex.segment, slot, 64, b, 2) and shm._take(ex.segment, slot, out, 2) and torch.equal(out, b)
     with pytest.raises(RuntimeError, match="exceeds the slot's capacity"):
         shm._post(ex.segment, slot, 64, torch.zeros(65, dtype=torch.uint8), 3)
+
+
+def test_two_senders_killed_at_once(tmp_path):
+    """Ranks 1 and 2 of 4 die mid-transfer together: the two survivors agree both away and go on."""
+    codes, logs, results, _ = _run(tmp_path, "kill", "1,2", nproc=4)
+    assert codes == {0: 0, 1: -signal.SIGKILL, 2: -signal.SIGKILL, 3: 0}, logs
+    for r in (0, 3):
+        assert sorted(results[r]["lost"]) == [1, 2], results[r]  # agreed in one round or two
+        assert results[r]["after_rows"] == 2 * 7 and results[r]["mask"][0] and results[r]["mask"][3]
+
+
+def test_a_sender_hung_mid_transfer_is_fenced_when_it_wakes(tmp_path):
+    """Rank 1 SIGSTOPs itself mid-transfer: the survivors see its heartbeat stall, agree it away and go
+    on; woken afterwards, it finds itself fenced and exits, never reading a torn row."""
+    codes, logs, results, _ = _run(tmp_path, "kill", "1", "stop", wake=1)
+    assert codes == {0: 0, 1: 3, 2: 0}, logs
+    assert results[1] == {"fenced": True}
+    for r in (0, 2):
+        assert results[r]["lost"] == [1], results[r]
+        assert results[r]["after_rows"] == 2 * 7 and results[r]["mask"] == [True, False, True]
+    assert any("heartbeat of ranks [1] stalled" in results[r]["error"] for r in (0, 2))  # the first to see it
