@@ -1,4 +1,5 @@
-"""Steady-state step cost of ElasticGroup against a plain fixed torch.distributed group (4 ranks).
+"""Steady-state step cost of ElasticGroup (shared memory among its 4 ranks) against a plain fixed
+torch.distributed group.
 
     python -m pytest benchmarks/test_elastic_step.py --benchmark-json=benchmarks/results/elastic_step.json
 """
@@ -15,7 +16,7 @@ def test_elastic_step_overhead(benchmark, tmp_path):
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "elastic_step_worker.py"), str(out)]
 
     def run():
-        with Launcher(4, cmd, log_dir=str(tmp_path / "logs")) as launcher:
+        with Launcher(4, cmd, env={"MOE_RESILIENT_TRANSPORT": "auto"}, log_dir=str(tmp_path / "logs")) as launcher:
             codes = launcher.wait(300)
         assert codes == {r: 0 for r in range(4)}, codes
         return json.loads(out.read_text())

@@ -46,7 +46,8 @@ def test_shm_against_gloo(benchmark, tmp_path, rows):
     script.write_text(WORKER)
 
     def run():
-        with Launcher(4, [sys.executable, str(script), str(tmp_path), str(rows)]) as launcher:
+        with Launcher(4, [sys.executable, str(script), str(tmp_path), str(rows)],
+                      env={"MOE_RESILIENT_TRANSPORT": "auto"}) as launcher:
             assert launcher.wait(300) == {r: 0 for r in range(4)}
 
     benchmark.pedantic(run, rounds=1, iterations=1)

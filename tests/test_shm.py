@@ -1,5 +1,6 @@
 """The shared-memory transport among the ranks of one host (shm.py): what ElasticGroup uses for its
-all-to-alls whenever every member shares the host. Real processes under the launcher."""
+all-to-alls with transport "auto" whenever every member shares the host. Real processes under the
+launcher."""
 
 import glob
 import json
@@ -20,7 +21,7 @@ HERE = os.path.dirname(__file__)
 def _run(tmp_path, *args, nproc=3, wake=None):
     """Run the worker on ``nproc`` ranks; ``wake``: a hung rank to SIGCONT once the others are done."""
     cmd = [sys.executable, os.path.join(HERE, "shm_worker.py"), str(tmp_path), *args]
-    with Launcher(nproc, cmd, log_dir=str(tmp_path / "logs")) as launcher:
+    with Launcher(nproc, cmd, env={"MOE_RESILIENT_TRANSPORT": "auto"}, log_dir=str(tmp_path / "logs")) as launcher:
         if wake is not None:
             deadline = time.monotonic() + 120
             while len(glob.glob(str(tmp_path / "rank*.json"))) < nproc - 1 and time.monotonic() < deadline:
