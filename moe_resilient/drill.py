@@ -220,8 +220,9 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_ranks=(2,), fail_steps=(100
     signal_name = "SIGSTOP" if hang else "SIGKILL"
     with Launcher(nproc, cmd, respawn=replace, env=WORKER_ENV, log_dir=os.path.join(out, "logs")) as launcher:
         for rank, step in faults:
-            _wait(lambda: sum("batch_of" in x for x in _read(out, nproc)[rank]) >= step, 300,
-                  f"rank {rank} to serve {step} steps", echo, status)
+            # the steps of its own batches: a makeup batch it serves for a lost rank is not a step of its own
+            _wait(lambda: len({x["step"] for x in _read(out, nproc)[rank] if x.get("batch_of") == rank}) >= step,
+                  300, f"rank {rank} to serve {step} steps", echo, status)
             kill_times[rank] = launcher.kill(rank, signal.SIGSTOP if hang else signal.SIGKILL)
             echo(f"{signal_name} rank {rank} once it had served {step}+ steps")
         t_fail = min(kill_times.values())
