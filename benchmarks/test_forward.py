@@ -8,6 +8,7 @@ the same roofline from probes run inside every round (the machine as the layers 
     python benchmarks/report.py benchmarks/results/forward.json
 """
 
+import dataclasses
 import statistics
 import time
 
@@ -43,7 +44,7 @@ def _module(impl: str, dtype):
         else:
             layer = from_hf_block(_hf_block("eager", dtype))
             if impl == "fixed_placement":
-                static = type(layer)(layer.config.replace(static_placement=True), dtype=dtype)
+                static = type(layer)(dataclasses.replace(layer.config, static_placement=True), dtype=dtype)
                 static.load_state_dict(layer.state_dict())
                 layer = static
             _built[key] = layer.eval()

@@ -8,7 +8,6 @@ captures it once and placement edits (in-place copies) never recompile.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,9 +76,6 @@ class MoEConfig:
         if problems:
             raise ValueError("invalid MoEConfig: " + "; ".join(problems))
         object.__setattr__(self, "num_slots", slots)
-
-    def replace(self, **changes) -> MoEConfig:
-        return dataclasses.replace(self, **changes)
 
 
 class TopKRouter(nn.Module):
