@@ -9,16 +9,18 @@ look alive. Four signals, cheapest first:
 - a death notice ``dead/{r}/{inc}``: posted by the launcher that reaped the process, or by the
   successor incarnation as it starts (torchrun posts none);
 - a heartbeat ``hb/{r}/{inc}`` that stops advancing for ``heartbeat_timeout`` (a hung or vanished
-  host). The heartbeat runs on its own thread and store connection, so a rank that is merely slow
-  keeps beating and is never evicted for it.
+  host). The heartbeat runs on a native thread with its own store connection
+  (csrc/process/heartbeat.cpp): it needs no GIL, so a rank that is merely slow, even inside a long C
+  call that holds the GIL, keeps beating and is never evicted for it.
 """
 
 from __future__ import annotations
 
-import threading
+import importlib
 import time
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from moe_resilient.liveness import LivenessBoard
@@ -28,17 +30,18 @@ Members = dict  # global rank -> incarnation
 
 class FailureDetector:
     """Heartbeats of this incarnation, and the liveness of others. ``connect`` opens a new store
-    connection (the heartbeat thread gets its own)."""
+    connection, under ``prefix`` of the store at ``host:port`` (the heartbeat thread has its own).
+    Each beat also reads ``joins_key`` (``joins()``)."""
 
-    def __init__(self, connect: Callable[[], dist.Store], rank: int, incarnation: int, *,
-                 interval: float, timeout: float, on_beat: Callable[[dist.Store], None] | None = None):
+    def __init__(self, connect: Callable[[], dist.Store], rank: int, incarnation: int, *, host: str, port: int,
+                 prefix: str, interval: float, timeout: float, joins_key: str):
         self.rank, self.incarnation = rank, incarnation
         self.interval, self.timeout = interval, timeout
         self.store = connect()
         self.board = LivenessBoard.from_env()
-        self._connect, self._on_beat = connect, on_beat
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="elastic-heartbeat", daemon=True)
+        importlib.import_module("moe_resilient._C")  # registers torch.classes.moe_resilient.Heartbeat
+        self._heartbeat = torch.classes.moe_resilient.Heartbeat(
+            host, port, f"{prefix}/hb/{rank}/{incarnation}", f"{prefix}/{joins_key}", interval)
 
     def start(self) -> None:
         """Announce this incarnation (and its predecessor's death), then beat until ``stop``."""
@@ -47,23 +50,14 @@ class FailureDetector:
         self.store.set(f"hb/{self.rank}/{self.incarnation}", "0")
         if self.incarnation > 1:  # whatever became of our predecessor, it is gone now
             self.store.set(f"dead/{self.rank}/{self.incarnation - 1}", "1")
-        self._thread.start()
+        self._heartbeat.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._heartbeat.stop()
 
-    def _beat(self) -> None:
-        store = self._connect()  # its own connection: the control channel never queues behind data
-        key, beat = f"hb/{self.rank}/{self.incarnation}", 0
-        while not self._stop.is_set():
-            beat += 1
-            try:
-                store.set(key, str(beat))
-                if self._on_beat:
-                    self._on_beat(store)
-            except Exception:  # the store went away: nothing left to report to
-                return
-            self._stop.wait(self.interval)
+    def joins(self) -> int:
+        """The join counter as of the last beat."""
+        return self._heartbeat.joins()
 
     # ----------------------------------------------------------------------------------- probes
     def heartbeats(self, members: Members) -> dict[int, bytes]:

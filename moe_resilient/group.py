@@ -179,8 +179,8 @@ class ElasticGroup(Collectives):
         self._host, self._port, self._prefix = host, port, prefix
         self.store = self._connect()
         self.incarnation = int(self.store.add(f"inc/{rank}", 1))
-        self.detector = FailureDetector(self._connect, rank, self.incarnation, interval=heartbeat_interval,
-                                        timeout=heartbeat_timeout, on_beat=self._read_joins)
+        self.detector = FailureDetector(self._connect, rank, self.incarnation, host=host, port=port, prefix=prefix,
+                                        interval=heartbeat_interval, timeout=heartbeat_timeout, joins_key="join/count")
         # Same-host ranks are probed on the launcher's liveness board (see liveness.py) every slice.
         self._slice = _timedelta(0.002 if self.detector.board else self.poll_interval)
         self.generation = -1
@@ -188,7 +188,6 @@ class ElasticGroup(Collectives):
         self.incarnations: Members = {}
         self._pg = None
         self.joined = False  # True when this process entered as a replacement
-        self._seen_joins = 0  # join requests this rank has seen (heartbeat thread)
         self._admitted = 0  # join requests admitted so far (agreed in-band)
         self._admit_target = 0
         self.last_failure_detect_s: float | None = None
@@ -529,11 +528,8 @@ class ElasticGroup(Collectives):
         return {r: v.decode() for r, v in zip(ranks, self.store.multi_get([f"{base}/{r}" for r in ranks]))}
 
     # ----------------------------------------------------------------------------------- joins
-    def _read_joins(self, store: dist.Store) -> None:  # on the heartbeat thread, its own connection
-        self._seen_joins = int(store.add("join/count", 0))
-
     def _join_word(self) -> int:
-        return self._seen_joins
+        return self.detector.joins()  # join requests seen as of the last heartbeat
 
     def _agreed_join_word(self, words: list[int]) -> None:
         self._admit_target = max(self._admit_target, min(words))

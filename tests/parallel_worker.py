@@ -10,6 +10,7 @@ first step; VICTIM (-1: none) SIGKILLs itself mid-generation at KILL_STEP; with 
 members serve until its replacement has served too. Each step's tokens are saved once per process.
 train: AdamW on the LM loss through StepRunner; VICTIM SIGKILLs itself mid-backward at KILL_STEP."""
 
+import functools
 import json
 import os
 import signal
@@ -50,8 +51,43 @@ def load(name: str, checkpoint: str, slots_per_rank: int, world_size: int = W) -
     return model.eval()
 
 
+MARGIN = 1e-4  # smallest gap allowed between a token's k-th and (k+1)-th router logit
+
+
+def routing_margin(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Over ``ids``' tokens and ``model``'s MoE layers, the smallest gap between the k-th and (k+1)-th
+    router logit. Below float32 rounding, any reimplementation of the layers may pick the other expert."""
+    gaps = []
+
+    def hook(gate, _, out):
+        top = out[0].float().topk(gate.top_k + 1, dim=-1).values
+        gaps.append((top[:, -2] - top[:, -1]).min().item())
+
+    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return min(gaps)
+
+
+@functools.cache
+def _references() -> tuple[torch.nn.Module, ...]:
+    return hf_model("mixtral"), hf_model("qwen")
+
+
+@functools.cache
 def batch(rank: int, step: int = 0) -> torch.Tensor:
-    return torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(100 * step + rank))
+    """Prompt ids [2, 6] of ``rank`` at ``step``: seeded, redrawn from the same generator while either
+    reference model's routing of it is a near-tie (``routing_margin`` < MARGIN), where a result 0.01
+    off the reference would be the tie's, not the library's."""
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    while True:
+        ids = torch.randint(3, 96, (2, 6), generator=gen)
+        if min(routing_margin(m, ids) for m in _references()) >= MARGIN:
+            return ids
 
 
 def generate(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

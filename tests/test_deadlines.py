@@ -121,7 +121,7 @@ def test_a_join_request_never_written_is_voided_at_agree_timeout(store):
     prefixed = dist.PrefixStore("moe_resilient", store)
     prefixed.add("join/count", 1)  # counted, never written
     deadline = time.monotonic() + 5
-    while any(g._seen_joins < 1 for g in groups) and time.monotonic() < deadline:
+    while any(g.detector.joins() < 1 for g in groups) and time.monotonic() < deadline:
         time.sleep(0.01)
     counts = torch.zeros(2, dtype=torch.long)
     _in_threads(*[lambda g=g: g.exchange_counts(counts) for g in groups])

@@ -189,6 +189,40 @@ def test_slow_peer_is_waited_for_and_a_stuck_one_excluded(tmp_path):
     assert kind == "FencedError" and "presumed dead" in message
 
 
+GIL_HOG = """
+import json, os, sys, time
+import torch
+from moe_resilient.group import ElasticGroup
+group = ElasticGroup.from_env(timeout=10.0).start()  # the default 120 ms heartbeat timeout
+log = []
+for step in range(4):
+    if group.rank == 1 and step == 2:
+        sum(range(3 * 10**7))  # one C call that holds the GIL for ~0.4 s: no Python thread runs
+    t = torch.ones(1)
+    try:
+        group.all_reduce(t)
+        log.append(["ok", t.item(), group.generation])
+    except Exception as exc:
+        log.append([type(exc).__name__, str(exc), group.generation])
+open(os.path.join(sys.argv[1], f"rank{group.rank}.json"), "w").write(json.dumps(log))
+group.finish()
+os._exit(0)
+"""
+
+
+def test_rank_holding_the_gil_keeps_beating_and_is_waited_for(tmp_path):
+    """A main thread inside one long GIL-holding C call (~0.4 s, over 3x the heartbeat timeout) stops
+    every Python thread of its process; the heartbeat runs on a native thread, so the peers see it
+    beat, wait for it, and nobody is evicted."""
+    script = tmp_path / "gil_hog.py"
+    script.write_text(GIL_HOG)
+    with Launcher(3, [sys.executable, str(script), str(tmp_path)], log_dir=str(tmp_path / "logs")) as launcher:
+        codes = launcher.wait(60)
+    assert codes == {0: 0, 1: 0, 2: 0}, codes
+    for r in range(3):
+        assert json.load(open(tmp_path / f"rank{r}.json")) == [["ok", 3.0, 0]] * 4
+
+
 CHECKED_IN_THEN_DEAD = """
 import json, os, signal, sys, time
 import torch
