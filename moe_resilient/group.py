@@ -46,6 +46,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 import torch.distributed as dist
 
@@ -179,6 +180,7 @@ class ElasticGroup(Collectives):
         self._host, self._port, self._prefix = host, port, prefix
         self.store = self._connect()
         self.incarnation = int(self.store.add(f"inc/{rank}", 1))
+        self._nonce = self.store.compare_set("job/nonce", "", uuid.uuid4().hex[:12]).decode()  # first one wins
         self.detector = FailureDetector(self._connect, rank, self.incarnation, host=host, port=port, prefix=prefix,
                                         interval=heartbeat_interval, timeout=heartbeat_timeout, joins_key="join/count")
         # Same-host ranks are probed on the launcher's liveness board (see liveness.py) every slice.
@@ -283,8 +285,9 @@ class ElasticGroup(Collectives):
 
     @property
     def job(self) -> str:
-        """Names this job's shared-memory segments: its store's address and prefix."""
-        return f"{self._host}_{self._port}_{self._prefix}"
+        """Names this job's shared-memory segments: its store's address and prefix, and a nonce drawn
+        once per job (a later job on a reused port never maps what this one left behind)."""
+        return f"{self._host}_{self._port}_{self._prefix}_{self._nonce}"
 
     def _use_shm(self, g: int) -> None:
         """Map generation g's shared-memory segment if every member shares this host (and the transport

@@ -53,9 +53,6 @@ class Launcher:
         env = dict(os.environ)
         if self.nproc > 1:  # as torchrun does: one intra-op thread per rank unless told otherwise
             env.setdefault("OMP_NUM_THREADS", "1")
-        # malloc's memory in transparent huge pages: a killed rank's teardown, which competes with the
-        # survivors' recovery for the cores, then frees 2 MiB pages (0.65x the time for a compiled rank)
-        env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
         env.update(self.extra_env)
         env.update(MASTER_ADDR=self.host, MASTER_PORT=str(self.port), RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(self.nproc), LOCAL_WORLD_SIZE=str(self.nproc), GROUP_RANK="0",

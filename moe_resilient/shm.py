@@ -1,12 +1,15 @@
 """Shared-memory all-to-all among the members of an ElasticGroup that share one host.
 
-Each generation maps a fresh segment in /dev/shm, named by the job and the generation, holding one
-slot per ordered pair of ranks (csrc/process/shm_exchange.cpp: the sender copies a message in and
-publishes its sequence number last; the receiver copies it out and acknowledges it). A pair's bytes
+Each generation maps a fresh segment in /dev/shm, named by the job (its store's address and a nonce
+drawn once per job, so a later job on a reused port never maps a segment left behind) and the
+generation. It holds a doorbell per rank and one slot per ordered pair of ranks
+(csrc/process/shm_exchange.cpp: the sender copies a message in and publishes its sequence number
+last; the receiver copies it out and acknowledges it; each rings the other's doorbell). A pair's bytes
 go in messages of at most ``capacity`` bytes, numbered alike on both sides, so any size passes. The
-exchange never blocks in C++: ``ShmWork.wait(timeout)`` polls it, so ElasticGroup waits on it exactly
-as on a gloo work, between slices probing the liveness board and heartbeats. A sender killed mid-copy
-never publishes, so no receiver reads torn rows, and a new generation starts from a fresh segment.
+calls never block: ``ShmWork.wait(timeout)`` polls them and sleeps on its rank's doorbell in between,
+so ElasticGroup waits on it exactly as on a gloo work, between slices probing the liveness board and
+heartbeats. A sender killed mid-copy never publishes, so no receiver reads torn rows, and a new
+generation starts from a fresh segment.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import torch
 
 importlib.import_module("moe_resilient._C")  # registers moe_resilient::shm_post / shm_take
 _post, _take = torch.ops.moe_resilient.shm_post, torch.ops.moe_resilient.shm_take
+_bell, _sleep = torch.ops.moe_resilient.shm_bell, torch.ops.moe_resilient.shm_sleep
 
 HEADER = 64  # seq, ack, bytes; a cache line, so that slots never share one
+BELL = 64  # one doorbell word per rank, each on its own cache line
 SHM_DIR = "/dev/shm"
 
 
@@ -53,7 +58,7 @@ class ShmExchange:
 
     def __init__(self, path: str, rank: int, world_size: int, capacity: int = 1 << 20):
         self.path, self.rank, self.world_size, self.capacity = path, rank, world_size, capacity
-        size = world_size * world_size * (HEADER + capacity)
+        size = world_size * BELL + world_size * world_size * (HEADER + capacity)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             if os.fstat(fd).st_size < size:
@@ -69,7 +74,7 @@ class ShmExchange:
         self.taken = [0] * world_size  # messages this rank has taken from each rank
 
     def slot(self, src: int, dst: int) -> int:
-        return (src * self.world_size + dst) * (HEADER + self.capacity)
+        return self.world_size * BELL + (src * self.world_size + dst) * (HEADER + self.capacity)
 
     def all_to_all(self, recv: torch.Tensor, send: torch.Tensor, out_splits: list[int], in_splits: list[int],
                    members: tuple[int, ...]) -> ShmWork:
@@ -91,12 +96,13 @@ class ShmExchange:
         return ShmWork(self, [m for ms in posts for m in ms], [m for ms in takes for m in ms])
 
     def _messages(self, peer: int, data: torch.Tensor, counts: list[int], outgoing: bool) -> list[tuple]:
-        """(slot offset, bytes, seq, peer) of each message carrying ``data`` to or from ``peer`` (one at
-        least)."""
+        """(slot offset, bytes, seq, peer's doorbell offset, peer) of each message carrying ``data`` to or
+        from ``peer`` (one at least)."""
         n = max(1, -(-data.numel() // self.capacity))
         first, counts[peer] = counts[peer] + 1, counts[peer] + n
         offset = self.slot(self.rank, peer) if outgoing else self.slot(peer, self.rank)
-        return [(offset, data[i * self.capacity:(i + 1) * self.capacity], first + i, peer) for i in range(n)]
+        return [(offset, data[i * self.capacity:(i + 1) * self.capacity], first + i, peer * BELL, peer)
+                for i in range(n)]
 
     def close(self, unlink: bool = False) -> None:
         if unlink:
@@ -119,12 +125,12 @@ class ShmWork:
         busy = set()  # a pair's messages go in order: one per slot per pass
         keep = []
         for m in self.posts:
-            if m[0] in busy or not post(seg, m[0], cap, m[1], m[2]):
+            if m[0] in busy or not post(seg, m[0], cap, m[1], m[2], m[3]):
                 keep.append(m)
                 busy.add(m[0])
         self.posts, keep, busy = keep, [], set()
         for m in self.takes:
-            if m[0] in busy or not take(seg, m[0], m[1], m[2]):
+            if m[0] in busy or not take(seg, m[0], m[1], m[2], m[3]):
                 keep.append(m)
                 busy.add(m[0])
         self.takes = keep
@@ -142,18 +148,16 @@ class ShmWork:
         as none (zeroed)."""
         for r in lost:
             self.exchange.live[r] = False
-        for _, out, _, src in self.takes:
+        for _, out, _, _, src in self.takes:
             if src in lost:
                 out.zero_()
 
     def wait(self, timeout: datetime.timedelta | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
-        spins = 0
+        seg, bell = self.exchange.segment, self.exchange.rank * BELL
+        deadline = time.monotonic() + (3600.0 if timeout is None else timeout.total_seconds())
+        rung = _bell(seg, bell)  # read before polling: a ring after it ends the sleep below at once
         while not self._progress():
-            if deadline is not None and time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError("shared-memory exchange: peers have not posted or taken every message")
-            spins += 1
-            if spins < 50:
-                os.sched_yield()  # peers share the cores: never spin without yielding
-            else:
-                time.sleep(0.00005)
+            rung = _sleep(seg, bell, rung, int(left * 1e6) + 1)

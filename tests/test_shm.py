@@ -63,18 +63,22 @@ def test_a_sender_killed_mid_transfer_is_lost_and_survivors_go_on(tmp_path, vict
 
 def test_messages_are_published_last(tmp_path):
     """In one process, on a segment of 2 ranks: a message is taken only once posted, in order, and the
-    next is posted only once the previous was taken."""
+    next is posted only once the previous was taken; posting rings the receiver's doorbell, taking the
+    sender's, and a sleep on a bell that was rung since it was read returns at once."""
     ex = shm.ShmExchange(str(tmp_path / "segment"), 0, 2, capacity=64)
-    slot = ex.slot(0, 1)
+    seg, slot, bell0, bell1 = ex.segment, ex.slot(0, 1), 0, shm.BELL
     a, b = torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)
     out = torch.empty(16, dtype=torch.uint8)
-    assert not shm._take(ex.segment, slot, out, 1)  # nothing posted
-    assert shm._post(ex.segment, slot, 64, a, 1)
-    assert not shm._post(ex.segment, slot, 64, b, 2)  # message 1 not taken yet
-    assert shm._take(ex.segment, slot, out, 1) and torch.equal(out, a)
-    assert shm._post(ex.segment, slot, 64, b, 2) and shm._take(ex.segment, slot, out, 2) and torch.equal(out, b)
+    assert not shm._take(seg, slot, out, 1, bell0)  # nothing posted
+    assert shm._post(seg, slot, 64, a, 1, bell1) and shm._bell(seg, bell1) == 1
+    assert not shm._post(seg, slot, 64, b, 2, bell1)  # message 1 not taken yet
+    assert shm._take(seg, slot, out, 1, bell0) and torch.equal(out, a) and shm._bell(seg, bell0) == 1
+    assert shm._post(seg, slot, 64, b, 2, bell1) and shm._take(seg, slot, out, 2, bell0) and torch.equal(out, b)
+    assert shm._sleep(seg, bell1, 0, 10_000_000) == 2  # rung twice since 0 was read: no sleep
+    t0 = time.monotonic()
+    assert shm._sleep(seg, bell1, 2, 20_000) == 2 and time.monotonic() - t0 >= 0.015  # nobody rings
     with pytest.raises(RuntimeError, match="exceeds the slot's capacity"):
-        shm._post(ex.segment, slot, 64, torch.zeros(65, dtype=torch.uint8), 3)
+        shm._post(seg, slot, 64, torch.zeros(65, dtype=torch.uint8), 3, bell1)
 
 
 def test_two_senders_killed_at_once(tmp_path):
