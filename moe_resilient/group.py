@@ -54,7 +54,7 @@ from moe_resilient.collectives import Collectives
 from moe_resilient.detector import FailureDetector, Members, Stall
 
 STORE_ENV = "MOE_RESILIENT_STORE"  # host:port of a store outside the worker nodes (moe-resilient store)
-TRANSPORT_ENV = "MOE_RESILIENT_TRANSPORT"  # "gloo" (the default) or "auto" (shared memory on one host)
+TRANSPORT_ENV = "MOE_RESILIENT_TRANSPORT"  # "auto" (the default: shared memory on one host) or "gloo"
 
 
 class RankFailure(RuntimeError):
@@ -139,9 +139,8 @@ class ElasticGroup(Collectives):
     ``start_timeout`` / ``join_timeout`` (s): the longest ``start`` waits for every rank to arrive, or
     for this replacement to be admitted. ``peer_bytes_per_s``: what copying weights between members
     moves (gloo over TCP: benchmarks/RESULTS.md), against which repairs weigh the shadow store.
-    ``transport`` (default ``MOE_RESILIENT_TRANSPORT`` or "gloo"): "auto" runs the all-to-alls through
-    shared memory (shm.py) whenever every member of a generation shares this host, "gloo" never (the
-    default until a wrong result seen once over it is explained: benchmarks/RESULTS.md).
+    ``transport`` (default ``MOE_RESILIENT_TRANSPORT`` or "auto"): "auto" runs the all-to-alls through
+    shared memory (shm.py) whenever every member of a generation shares this host, "gloo" never.
     """
 
     def __init__(
@@ -172,7 +171,7 @@ class ElasticGroup(Collectives):
         self.heartbeat_timeout, self.agree_timeout = heartbeat_timeout, agree_timeout
         self.start_timeout, self.join_timeout = start_timeout, join_timeout
         self.peer_bytes_per_s = peer_bytes_per_s
-        self.transport = transport or os.environ.get(TRANSPORT_ENV, "gloo")
+        self.transport = transport or os.environ.get(TRANSPORT_ENV, "auto")
         if self.transport not in ("auto", "gloo"):
             raise ValueError(f"transport {self.transport!r}: use 'auto' (shared memory among ranks of one host) "
                              "or 'gloo'")

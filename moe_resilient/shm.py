@@ -5,10 +5,10 @@ drawn once per job, so a later job on a reused port never maps a segment left be
 generation. It holds a doorbell per rank and one slot per ordered pair of ranks
 (csrc/process/shm_exchange.cpp: the sender copies a message in and publishes its sequence number
 last; the receiver copies it out and acknowledges it; each rings the other's doorbell). A pair's bytes
-go in messages of at most ``capacity`` bytes, numbered alike on both sides, so any size passes. The
-calls never block: ``ShmWork.wait(timeout)`` polls them and sleeps on its rank's doorbell in between,
-so ElasticGroup waits on it exactly as on a gloo work, between slices probing the liveness board and
-heartbeats. A sender killed mid-copy never publishes, so no receiver reads torn rows, and a new
+go in messages of at most ``capacity`` bytes, numbered alike on both sides, so any size passes. An
+exchange runs in C++ for a slice of its deadline at a time, sleeping on its rank's doorbell while
+nothing can move: ``ShmWork.wait(timeout)``, so ElasticGroup waits on it exactly as on a gloo work,
+between slices probing the liveness board and heartbeats. A sender killed mid-copy never publishes, so no receiver reads torn rows, and a new
 generation starts from a fresh segment.
 """
 
@@ -20,15 +20,14 @@ import math
 import mmap
 import os
 import re
-import time
 
 import importlib
 
 import torch
 
-importlib.import_module("moe_resilient._C")  # registers moe_resilient::shm_post / shm_take
+importlib.import_module("moe_resilient._C")  # registers moe_resilient::shm_post / shm_take / shm_exchange
 _post, _take = torch.ops.moe_resilient.shm_post, torch.ops.moe_resilient.shm_take
-_bell, _sleep = torch.ops.moe_resilient.shm_bell, torch.ops.moe_resilient.shm_sleep
+_exchange = torch.ops.moe_resilient.shm_exchange
 
 HEADER = 64  # seq, ack, bytes; a cache line, so that slots never share one
 BELL = 64  # one doorbell word per rank, each on its own cache line
@@ -83,26 +82,19 @@ class ShmExchange:
         row = math.prod(send.shape[1:]) * send.element_size()
         src_bytes = send.contiguous().view(-1).view(torch.uint8)
         dst_bytes = recv.view(-1).view(torch.uint8)
-        posts, takes, a, b = [], [], 0, 0
+        work = ShmWork(self, src_bytes, dst_bytes)
+        a = b = 0
         for r, n_in, n_out in zip(members, in_splits, out_splits):
-            out_part = dst_bytes[b: b + n_out * row]
-            in_part = src_bytes[a: a + n_in * row]
             if r == self.rank:
-                out_part.copy_(in_part)
+                dst_bytes[b: b + n_out * row].copy_(src_bytes[a: a + n_in * row])
             else:
-                posts.append(self._messages(r, in_part, self.sent, outgoing=True))
-                takes.append(self._messages(r, out_part, self.taken, outgoing=False))
+                work.add(r, a, n_in * row, b, n_out * row)
             a, b = a + n_in * row, b + n_out * row
-        return ShmWork(self, [m for ms in posts for m in ms], [m for ms in takes for m in ms])
+        return work.ready()
 
-    def _messages(self, peer: int, data: torch.Tensor, counts: list[int], outgoing: bool) -> list[tuple]:
-        """(slot offset, bytes, seq, peer's doorbell offset, peer) of each message carrying ``data`` to or
-        from ``peer`` (one at least)."""
-        n = max(1, -(-data.numel() // self.capacity))
-        first, counts[peer] = counts[peer] + 1, counts[peer] + n
-        offset = self.slot(self.rank, peer) if outgoing else self.slot(peer, self.rank)
-        return [(offset, data[i * self.capacity:(i + 1) * self.capacity], first + i, peer * BELL, peer)
-                for i in range(n)]
+    def messages(self, nbytes: int) -> int:
+        """How many messages carry ``nbytes`` between a pair (one at least, as in C++)."""
+        return max(1, -(-nbytes // self.capacity))
 
     def close(self, unlink: bool = False) -> None:
         if unlink:
@@ -114,50 +106,57 @@ class ShmExchange:
 
 class ShmWork:
     """An exchange in progress, shaped like a gloo work for ElasticGroup._wait: ``wait(timeout)`` makes
-    progress until every message is posted and taken, or raises TimeoutError."""
+    progress (in C++, sleeping on this rank's doorbell) until every message is posted and taken, or
+    raises TimeoutError. ``state`` keeps its progress between calls: messages posted to and taken from
+    each peer."""
 
-    def __init__(self, exchange: ShmExchange, posts: list[tuple], takes: list[tuple]):
-        self.exchange, self.posts, self.takes = exchange, posts, takes
+    def __init__(self, exchange: ShmExchange, send: torch.Tensor, recv: torch.Tensor):
+        self.exchange, self.send, self.recv = exchange, send, recv
+        self.peers, self.send_at, self.send_bytes, self.post_seqs = [], [], [], []
+        self.recv_at, self.recv_bytes, self.take_seqs = [], [], []
 
-    def _progress(self) -> bool:
-        seg, cap = self.exchange.segment, self.exchange.capacity
-        post, take = _post, _take
-        busy = set()  # a pair's messages go in order: one per slot per pass
-        keep = []
-        for m in self.posts:
-            if m[0] in busy or not post(seg, m[0], cap, m[1], m[2], m[3]):
-                keep.append(m)
-                busy.add(m[0])
-        self.posts, keep, busy = keep, [], set()
-        for m in self.takes:
-            if m[0] in busy or not take(seg, m[0], m[1], m[2], m[3]):
-                keep.append(m)
-                busy.add(m[0])
-        self.takes = keep
-        return not self.posts and not self.takes
+    def add(self, peer: int, send_at: int, send_bytes: int, recv_at: int, recv_bytes: int) -> None:
+        """Bytes [send_at, + send_bytes) of ``send`` go to ``peer``; [recv_at, + recv_bytes) of ``recv``
+        come from it."""
+        ex = self.exchange
+        self.peers.append(peer)
+        self.send_at.append(send_at)
+        self.send_bytes.append(send_bytes)
+        self.post_seqs.append(ex.sent[peer] + 1)
+        self.recv_at.append(recv_at)
+        self.recv_bytes.append(recv_bytes)
+        self.take_seqs.append(ex.taken[peer] + 1)
+        ex.sent[peer] += ex.messages(send_bytes)
+        ex.taken[peer] += ex.messages(recv_bytes)
+
+    def ready(self) -> ShmWork:
+        self.state = torch.zeros(2 * len(self.peers), dtype=torch.long)
+        return self
+
+    def _run(self, timeout_s: float) -> bool:
+        ex = self.exchange
+        return _exchange(ex.segment, ex.rank, ex.world_size, ex.capacity, self.peers, self.send, self.send_at,
+                         self.send_bytes, self.post_seqs, self.recv, self.recv_at, self.recv_bytes, self.take_seqs,
+                         self.state, int(timeout_s * 1e6))
 
     def is_completed(self) -> bool:
-        return self._progress()
+        return self._run(0.0)
 
     def abandon(self) -> bool:
         """Give up (a peer is dead or hung); returns True only if the exchange had in fact completed."""
-        return self._progress()
+        return self._run(0.0)
 
     def drop(self, lost: list[int]) -> None:
-        """After agreement: clear the ``lost`` ranks in the live mask; rows still due from them count
+        """After agreement: clear the ``lost`` ranks in the live mask; bytes still due from them count
         as none (zeroed)."""
+        taken = self.state[len(self.peers):].tolist()
+        for i, peer in enumerate(self.peers):
+            if peer in lost:
+                done = min(taken[i] * self.exchange.capacity, self.recv_bytes[i])
+                self.recv[self.recv_at[i] + done: self.recv_at[i] + self.recv_bytes[i]].zero_()
         for r in lost:
             self.exchange.live[r] = False
-        for _, out, _, _, src in self.takes:
-            if src in lost:
-                out.zero_()
 
     def wait(self, timeout: datetime.timedelta | None = None) -> None:
-        seg, bell = self.exchange.segment, self.exchange.rank * BELL
-        deadline = time.monotonic() + (3600.0 if timeout is None else timeout.total_seconds())
-        rung = _bell(seg, bell)  # read before polling: a ring after it ends the sleep below at once
-        while not self._progress():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("shared-memory exchange: peers have not posted or taken every message")
-            rung = _sleep(seg, bell, rung, int(left * 1e6) + 1)
+        if not self._run(3600.0 if timeout is None else timeout.total_seconds()):
+            raise TimeoutError("shared-memory exchange: peers have not posted or taken every message")

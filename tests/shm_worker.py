@@ -51,16 +51,20 @@ if __name__ == "__main__":
         sizes = {(s, d): 300_000 for s in range(W) for d in range(W)}  # 5 messages per pair
         if rank in victims:
             from moe_resilient import shm
-            real = shm._post
-            posted = [0]
+            real, hit = shm._exchange, []
 
-            def post_then_die(*args):  # dies (or hangs) after its second message to anyone: mid-transfer
-                ok = real(*args)
-                posted[0] += ok
-                if posted[0] == 2:
-                    os.kill(os.getpid(), how)
-                return ok
-            shm._post = post_then_die
+            def exchange_then_die(*args):  # dies (or hangs) once it has posted two messages: mid-transfer
+                *head, state, timeout_us = args
+                peers = len(head[4])
+                while True:
+                    done = real(*head, state, min(timeout_us, 200))  # in 0.2 ms slices
+                    if int(state[:peers].sum()) >= 2 and not hit:
+                        hit.append(True)
+                        os.kill(os.getpid(), how)
+                    if done or timeout_us <= 200:
+                        return done
+                    timeout_us -= 200
+            shm._exchange = exchange_then_die
         before = group._shm
         try:
             exchange(group, sizes, torch.float32, 4, 0)

@@ -5,13 +5,16 @@
 // acknowledged message n - 1: the sender copies the payload, then stores `bytes` and, last, `seq = n`
 // with release ordering. The receiver reads `seq` with acquire ordering, copies the payload out, then
 // stores `ack = n`. A sender killed mid-copy never publishes its `seq`, so no receiver reads torn
-// rows. Both calls return at once; the caller waits between its polls with shm_sleep.
+// rows. shm_post and shm_take move one message and return at once; shm_exchange runs a whole
+// all-to-all until done or its time slice ends, keeping its progress in a state tensor, so the caller
+// can look for dead peers between slices and call it again.
 //
 // Doorbells: the segment starts with one 32-bit word per rank, each on its own cache line. Posting a
 // message rings the receiver's bell, acknowledging one rings the sender's (it may have more to post),
 // and a waiting rank sleeps on its own bell in the kernel (a futex on the shared mapping) until a
 // peer rings it or its slice of the deadline runs out. With more ranks than cores, sleeping instead of
 // spinning gives the cores to the peers that have work to do.
+#include <Python.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -19,12 +22,17 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <climits>
 #include <cstring>
 #include <ctime>
+#include <vector>
 
 namespace {
+
+constexpr int64_t kHeader = 64, kBell = 64;  // as moe_resilient/shm.py: HEADER, BELL
 
 struct Header {
   uint64_t seq;
@@ -32,75 +40,151 @@ struct Header {
   uint64_t bytes;
 };
 
-Header* header(const at::Tensor& segment, int64_t slot_offset) {
+uint8_t* base(const at::Tensor& segment) {
   TORCH_CHECK(segment.dtype() == at::kByte && segment.dim() == 1 && segment.is_contiguous(),
               "shm segment must be a contiguous uint8 tensor");
-  TORCH_CHECK(slot_offset >= 0 && slot_offset % 64 == 0 && slot_offset + 64 <= segment.numel(),
-              "shm slot offset ", slot_offset, " outside the segment");
-  return reinterpret_cast<Header*>(segment.data_ptr<uint8_t>() + slot_offset);
+  return segment.data_ptr<uint8_t>();
 }
 
-uint32_t* bell(const at::Tensor& segment, int64_t offset) {
-  TORCH_CHECK(offset >= 0 && offset % 64 == 0 && offset + 4 <= segment.numel(), "shm bell offset ", offset,
+void check_range(const at::Tensor& segment, int64_t offset, int64_t bytes, const char* what) {
+  TORCH_CHECK(offset >= 0 && offset % 64 == 0 && offset + bytes <= segment.numel(), "shm ", what, " at ", offset,
               " outside the segment");
-  return reinterpret_cast<uint32_t*>(segment.data_ptr<uint8_t>() + offset);
 }
 
-void ring(uint32_t* word) {
+void ring(uint8_t* bell) {
+  auto* word = reinterpret_cast<uint32_t*>(bell);
   std::atomic_ref<uint32_t>(*word).fetch_add(1, std::memory_order_release);
   syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
 }
 
-// Post `payload` (uint8, at most the slot's capacity) as message `seq` of the slot at `slot_offset`:
-// false (nothing written) while the receiver has not yet acknowledged message seq - 1.
-bool shm_post(const at::Tensor& segment, int64_t slot_offset, int64_t capacity, const at::Tensor& payload,
-              int64_t seq, int64_t bell_offset) {
-  Header* h = header(segment, slot_offset);
-  TORCH_CHECK(payload.dtype() == at::kByte && payload.is_contiguous(), "shm payload must be contiguous uint8");
-  TORCH_CHECK(payload.numel() <= capacity && slot_offset + 64 + capacity <= segment.numel(),
-              "shm payload of ", payload.numel(), " bytes exceeds the slot's capacity ", capacity);
+// Post `bytes` from `src` as message `seq` of the slot `h`, ringing `bell`: false (nothing written)
+// while the receiver has not yet acknowledged message seq - 1.
+bool post(Header* h, const uint8_t* src, int64_t bytes, int64_t seq, uint8_t* bell) {
   if (std::atomic_ref<uint64_t>(h->ack).load(std::memory_order_acquire) != static_cast<uint64_t>(seq - 1)) {
     return false;
   }
-  std::memcpy(reinterpret_cast<uint8_t*>(h) + 64, payload.data_ptr<uint8_t>(), payload.numel());
-  std::atomic_ref<uint64_t>(h->bytes).store(payload.numel(), std::memory_order_relaxed);
+  std::memcpy(reinterpret_cast<uint8_t*>(h) + kHeader, src, bytes);
+  std::atomic_ref<uint64_t>(h->bytes).store(bytes, std::memory_order_relaxed);
   std::atomic_ref<uint64_t>(h->seq).store(seq, std::memory_order_release);
-  ring(bell(segment, bell_offset));
+  ring(bell);
   return true;
 }
 
-// Take message `seq` of the slot into `out` (uint8, exactly the bytes expected): false while it has
-// not been posted. A message of another length is an error: both sides derive lengths from the same
-// counts.
-bool shm_take(const at::Tensor& segment, int64_t slot_offset, const at::Tensor& out, int64_t seq,
-              int64_t bell_offset) {
-  Header* h = header(segment, slot_offset);
-  TORCH_CHECK(out.dtype() == at::kByte && out.is_contiguous(), "shm output must be contiguous uint8");
+// Take message `seq` of the slot `h` into `dst` (exactly `bytes` expected: both sides derive lengths
+// from the same counts), ringing `bell`: false while it has not been posted.
+bool take(Header* h, uint8_t* dst, int64_t bytes, int64_t seq, uint8_t* bell) {
   if (std::atomic_ref<uint64_t>(h->seq).load(std::memory_order_acquire) != static_cast<uint64_t>(seq)) {
     return false;
   }
-  uint64_t bytes = std::atomic_ref<uint64_t>(h->bytes).load(std::memory_order_relaxed);
-  TORCH_CHECK(bytes == static_cast<uint64_t>(out.numel()), "shm message ", seq, " has ", bytes,
-              " bytes, expected ", out.numel());
-  std::memcpy(out.data_ptr<uint8_t>(), reinterpret_cast<uint8_t*>(h) + 64, bytes);
+  uint64_t got = std::atomic_ref<uint64_t>(h->bytes).load(std::memory_order_relaxed);
+  TORCH_CHECK(got == static_cast<uint64_t>(bytes), "shm message ", seq, " has ", got, " bytes, expected ", bytes);
+  std::memcpy(dst, reinterpret_cast<uint8_t*>(h) + kHeader, bytes);
   std::atomic_ref<uint64_t>(h->ack).store(seq, std::memory_order_release);
-  ring(bell(segment, bell_offset));
+  ring(bell);
   return true;
 }
 
-// The bell at `bell_offset` (read it before polling, then pass it to shm_sleep).
-int64_t shm_bell(const at::Tensor& segment, int64_t bell_offset) {
-  return std::atomic_ref<uint32_t>(*bell(segment, bell_offset)).load(std::memory_order_acquire);
+// Lets other Python threads run while an exchange copies and sleeps (if the caller holds the GIL).
+struct ReleaseGil {
+  PyThreadState* saved = PyGILState_Check() ? PyEval_SaveThread() : nullptr;
+  ~ReleaseGil() {
+    if (saved) PyEval_RestoreThread(saved);
+  }
+};
+
+bool shm_post(const at::Tensor& segment, int64_t slot_offset, int64_t capacity, const at::Tensor& payload,
+              int64_t seq, int64_t bell_offset) {
+  TORCH_CHECK(payload.dtype() == at::kByte && payload.is_contiguous(), "shm payload must be contiguous uint8");
+  TORCH_CHECK(payload.numel() <= capacity, "shm payload of ", payload.numel(), " bytes exceeds the slot's capacity ",
+              capacity);
+  check_range(segment, slot_offset, kHeader + capacity, "slot");
+  check_range(segment, bell_offset, 4, "bell");
+  uint8_t* b = base(segment);
+  return post(reinterpret_cast<Header*>(b + slot_offset), payload.data_ptr<uint8_t>(), payload.numel(), seq,
+              b + bell_offset);
 }
 
-// Sleep until the bell no longer reads `seen` or `timeout_us` passes; returns its value then.
-int64_t shm_sleep(const at::Tensor& segment, int64_t bell_offset, int64_t seen, int64_t timeout_us) {
-  uint32_t* word = bell(segment, bell_offset);
-  if (timeout_us > 0) {
-    timespec ts{static_cast<time_t>(timeout_us / 1000000), static_cast<long>(timeout_us % 1000000) * 1000};
-    syscall(SYS_futex, word, FUTEX_WAIT, static_cast<uint32_t>(seen), &ts, nullptr, 0);  // EAGAIN: rung already
+bool shm_take(const at::Tensor& segment, int64_t slot_offset, const at::Tensor& out, int64_t seq,
+              int64_t bell_offset) {
+  TORCH_CHECK(out.dtype() == at::kByte && out.is_contiguous(), "shm output must be contiguous uint8");
+  check_range(segment, slot_offset, kHeader, "slot");
+  check_range(segment, bell_offset, 4, "bell");
+  uint8_t* b = base(segment);
+  return take(reinterpret_cast<Header*>(b + slot_offset), out.data_ptr<uint8_t>(), out.numel(), seq,
+              b + bell_offset);
+}
+
+// One all-to-all among `peers` (global ranks, this one excluded) of a segment of `world_size` ranks:
+// send[send_offsets[i] : + send_bytes[i]] goes to peers[i] as messages post_seqs[i], post_seqs[i] + 1,
+// ... of at most `capacity` bytes; recv[recv_offsets[i] : + recv_bytes[i]] comes from peers[i] as
+// messages take_seqs[i], .... state [2 * P] int64, updated in place: messages posted to and taken
+// from each peer so far. Runs until every message is posted and taken (true) or `timeout_us` passes
+// (false), sleeping on this rank's doorbell whenever nothing can move.
+bool shm_exchange(const at::Tensor& segment, int64_t rank, int64_t world_size, int64_t capacity,
+                  at::IntArrayRef peers, const at::Tensor& send, at::IntArrayRef send_offsets,
+                  at::IntArrayRef send_bytes, at::IntArrayRef post_seqs, const at::Tensor& recv,
+                  at::IntArrayRef recv_offsets, at::IntArrayRef recv_bytes, at::IntArrayRef take_seqs,
+                  const at::Tensor& state, int64_t timeout_us) {
+  const int64_t n = static_cast<int64_t>(peers.size());
+  TORCH_CHECK(send_offsets.size() == peers.size() && send_bytes.size() == peers.size() &&
+                  post_seqs.size() == peers.size() && recv_offsets.size() == peers.size() &&
+                  recv_bytes.size() == peers.size() && take_seqs.size() == peers.size(),
+              "shm_exchange: one offset, length and sequence number per peer");
+  TORCH_CHECK(send.dtype() == at::kByte && send.is_contiguous() && recv.dtype() == at::kByte && recv.is_contiguous(),
+              "shm_exchange: send and recv must be contiguous uint8");
+  TORCH_CHECK(state.dtype() == at::kLong && state.is_contiguous() && state.numel() == 2 * n,
+              "shm_exchange: state must be int64 [2 * peers]");
+  TORCH_CHECK(capacity > 0 && rank >= 0 && rank < world_size, "shm_exchange: bad rank or capacity");
+  const int64_t slot_bytes = kHeader + capacity;
+  check_range(segment, 0, world_size * kBell + world_size * world_size * slot_bytes, "segment layout");
+  std::vector<int64_t> posts(n), takes(n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(peers[i] >= 0 && peers[i] < world_size && peers[i] != rank, "shm_exchange: bad peer ", peers[i]);
+    TORCH_CHECK(send_offsets[i] >= 0 && send_offsets[i] + send_bytes[i] <= send.numel() && recv_offsets[i] >= 0 &&
+                    recv_offsets[i] + recv_bytes[i] <= recv.numel(),
+                "shm_exchange: a peer's bytes lie outside send or recv");
+    posts[i] = std::max<int64_t>(1, (send_bytes[i] + capacity - 1) / capacity);
+    takes[i] = std::max<int64_t>(1, (recv_bytes[i] + capacity - 1) / capacity);
   }
-  return std::atomic_ref<uint32_t>(*word).load(std::memory_order_acquire);
+  uint8_t* b = base(segment);
+  const uint8_t* src = send.data_ptr<uint8_t>();
+  uint8_t* dst = recv.data_ptr<uint8_t>();
+  int64_t* done = state.data_ptr<int64_t>();
+  auto* my_bell = reinterpret_cast<uint32_t*>(b + rank * kBell);
+  auto slot = [&](int64_t from, int64_t to) {
+    return reinterpret_cast<Header*>(b + world_size * kBell + (from * world_size + to) * slot_bytes);
+  };
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(timeout_us);
+  ReleaseGil unlocked;
+  for (;;) {
+    uint32_t rung = std::atomic_ref<uint32_t>(*my_bell).load(std::memory_order_acquire);
+    bool finished = true;
+    for (int64_t i = 0; i < n; ++i) {  // posts first: every peer gets something to take at once
+      const int64_t peer = peers[i];
+      while (done[i] < posts[i]) {
+        const int64_t at = done[i] * capacity, bytes = std::min(capacity, send_bytes[i] - at);
+        if (!post(slot(rank, peer), src + send_offsets[i] + at, bytes, post_seqs[i] + done[i], b + peer * kBell)) break;
+        ++done[i];
+      }
+      finished = finished && done[i] == posts[i];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t peer = peers[i];
+      while (done[n + i] < takes[i]) {
+        const int64_t at = done[n + i] * capacity, bytes = std::min(capacity, recv_bytes[i] - at);
+        if (!take(slot(peer, rank), dst + recv_offsets[i] + at, bytes, take_seqs[i] + done[n + i], b + peer * kBell)) {
+          break;
+        }
+        ++done[n + i];
+      }
+      finished = finished && done[n + i] == takes[i];
+    }
+    if (finished) return true;
+    const auto left = std::chrono::duration_cast<std::chrono::microseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return false;
+    timespec ts{static_cast<time_t>(left.count() / 1000000), static_cast<long>(left.count() % 1000000) * 1000};
+    syscall(SYS_futex, my_bell, FUTEX_WAIT, rung, &ts, nullptr, 0);  // EAGAIN: rung since read
+  }
 }
 
 }  // namespace
@@ -108,13 +192,13 @@ int64_t shm_sleep(const at::Tensor& segment, int64_t bell_offset, int64_t seen, 
 TORCH_LIBRARY_FRAGMENT(moe_resilient, m) {
   m.def("shm_post(Tensor segment, int slot_offset, int capacity, Tensor payload, int seq, int bell_offset) -> bool");
   m.def("shm_take(Tensor segment, int slot_offset, Tensor(a!) out, int seq, int bell_offset) -> bool");
-  m.def("shm_bell(Tensor segment, int bell_offset) -> int");
-  m.def("shm_sleep(Tensor segment, int bell_offset, int seen, int timeout_us) -> int");
+  m.def("shm_exchange(Tensor segment, int rank, int world_size, int capacity, int[] peers, Tensor send, "
+        "int[] send_offsets, int[] send_bytes, int[] post_seqs, Tensor(a!) recv, int[] recv_offsets, "
+        "int[] recv_bytes, int[] take_seqs, Tensor(b!) state, int timeout_us) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(moe_resilient, CPU, m) {
   m.impl("shm_post", &shm_post);
   m.impl("shm_take", &shm_take);
-  m.impl("shm_bell", &shm_bell);
-  m.impl("shm_sleep", &shm_sleep);
+  m.impl("shm_exchange", &shm_exchange);
 }
