@@ -227,6 +227,8 @@ class ElasticGroup(Collectives):
         """Form generation 0 with every rank, or, if the group already runs, ask to be admitted and
         wait until a generation lists this incarnation."""
         self.detector.start()
+        if self.detector.board:  # a peer's death wakes a shared-memory exchange at once
+            self.detector.board.watch(r for r in range(self.world_size) if r != self.rank)
         self.store.set(f"host/{self.rank}/{self.incarnation}", socket.gethostname())
         if self.store.check(["gen"]):
             return self._join()

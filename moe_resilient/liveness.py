@@ -47,6 +47,11 @@ class LivenessBoard:
         """Those of ``ranks`` whose slot nobody holds (exited, or not started); reads only."""
         return _C.liveness_dead(self.path, list(ranks))
 
+    def watch(self, ranks) -> None:
+        """Watch ``ranks``' slots from native threads, blocked in their locks: a shared-memory
+        exchange waiting in this process wakes the moment one of them dies (csrc/process/liveness.cpp)."""
+        _C.liveness_watch(self.path, list(ranks))
+
     def unlink(self) -> None:
         try:
             os.unlink(self.path)

@@ -40,6 +40,28 @@ def _until(pred, timeout=10.0):
     return False
 
 
+def test_watchers_count_each_death_of_a_holder_and_release_the_slot(board):
+    """A watcher thread blocked in a slot's lock is woken by the kernel the moment its holder dies: it
+    counts the death (what wakes a shared-memory exchange), frees the slot again and watches the
+    replacement, whose death it counts too."""
+    from moe_resilient import _C
+
+    board.watch([1])
+    before = _C.liveness_deaths()
+    first = _holder(board, 1)
+    time.sleep(0.1)  # the watcher, polling for a holder every 5 ms, blocks in its lock
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    assert _until(lambda: _C.liveness_deaths() == before + 1)
+    assert _until(lambda: board.dead([1]) == [1])  # the watcher does not keep the slot
+    second = _holder(board, 1)
+    time.sleep(0.1)
+    assert board.dead([1]) == [] and _C.liveness_deaths() == before + 1
+    second.kill()
+    second.wait(timeout=30)
+    assert _until(lambda: _C.liveness_deaths() == before + 2)
+
+
 def test_sigkilled_holder_reads_dead_and_a_replacement_takes_over(board):
     assert board.dead([0, 1, 2]) == [0, 1, 2]  # nobody started
     first = _holder(board, 1)

@@ -14,10 +14,16 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <climits>
 #include <map>
 #include <string>
+#include <thread>
+
+#include "board_deaths.h"
 
 namespace {
 
@@ -128,10 +134,68 @@ PyObject* liveness_dead(PyObject*, PyObject* args) {
   return dead;
 }
 
+unsigned owner_tid(pthread_mutex_t* m) {
+  return __atomic_load_n(reinterpret_cast<unsigned*>(&m->__data.__lock), __ATOMIC_ACQUIRE) & FUTEX_TID_MASK;
+}
+
+// Watch one slot for as long as the process lives: block in the lock while its owner holds it (the
+// kernel wakes a waiter the moment the owner dies); any acquisition means the owner is gone (ranks hold
+// their slot for life), so release it at once, count the death and wake an exchange sleeping on the
+// count; then wait for the slot's next holder (a replacement).
+void watch(pthread_mutex_t* m) {
+  for (;;) {
+    while (owner_tid(m) == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    int rc = pthread_mutex_lock(m);
+    if (rc == EOWNERDEAD) pthread_mutex_consistent(m);
+    if (rc != 0 && rc != EOWNERDEAD) return;
+    pthread_mutex_unlock(m);
+    moe_resilient::board_deaths().fetch_add(1, std::memory_order_release);
+    syscall(SYS_futex, &moe_resilient::board_deaths(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+    while (owner_tid(m) == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+// Start a watcher thread for each of ``ranks`` (once per slot and process).
+PyObject* liveness_watch(PyObject*, PyObject* args) {
+  static std::map<pthread_mutex_t*, bool> watched;
+  const char* path;
+  PyObject* ranks;
+  if (!PyArg_ParseTuple(args, "sO", &path, &ranks)) return nullptr;
+  Board* b = board(path);
+  if (!b) return nullptr;
+  PyObject* seq = PySequence_Fast(ranks, "ranks must be a sequence of ints");
+  if (!seq) return nullptr;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+    Py_ssize_t rank = PyNumber_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i), PyExc_OverflowError);
+    pthread_mutex_t* m = (rank == -1 && PyErr_Occurred()) ? nullptr : slot(b, path, rank);
+    if (!m) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    if (!watched[m]) {
+      watched[m] = true;
+      std::thread(watch, m).detach();
+    }
+  }
+  Py_DECREF(seq);
+  Py_RETURN_NONE;
+}
+
+PyObject* liveness_deaths(PyObject*, PyObject*) {
+  return PyLong_FromUnsignedLong(moe_resilient::board_deaths().load(std::memory_order_acquire));
+}
+
 }  // namespace
+
+std::atomic<uint32_t>& moe_resilient::board_deaths() {
+  static std::atomic<uint32_t> deaths{0};
+  return deaths;
+}
 
 PyMethodDef liveness_methods[] = {
     {"liveness_create", liveness_create, METH_VARARGS, "liveness_create(path, n): a new board of n free slots."},
     {"liveness_hold", liveness_hold, METH_VARARGS, "liveness_hold(path, rank): hold a slot until this thread ends."},
     {"liveness_dead", liveness_dead, METH_VARARGS, "liveness_dead(path, ranks) -> ranks whose slot nobody holds."},
+    {"liveness_watch", liveness_watch, METH_VARARGS, "liveness_watch(path, ranks): count their deaths at once."},
+    {"liveness_deaths", liveness_deaths, METH_NOARGS, "liveness_deaths() -> deaths the watchers have seen."},
     {nullptr, nullptr, 0, nullptr}};

@@ -13,8 +13,11 @@
 // message rings the receiver's bell, acknowledging one rings the sender's (it may have more to post),
 // and a waiting rank sleeps on its own bell in the kernel (a futex on the shared mapping) until a
 // peer rings it or its slice of the deadline runs out. With more ranks than cores, sleeping instead of
-// spinning gives the cores to the peers that have work to do.
+// spinning gives the cores to the peers that have work to do. It sleeps on the count of deaths seen by
+// the liveness-board watchers too (futex_waitv), so a peer's SIGKILL wakes it at once, and it returns
+// as if its slice had run out: the caller then finds the dead peer on the board.
 #include <Python.h>
+#include <errno.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -29,6 +32,8 @@
 #include <cstring>
 #include <ctime>
 #include <vector>
+
+#include "board_deaths.h"
 
 namespace {
 
@@ -91,6 +96,35 @@ struct ReleaseGil {
     if (saved) PyEval_RestoreThread(saved);
   }
 };
+
+// Sleep until `bell` no longer reads `rung`, `deaths` no longer reads `deaths_seen`, or `deadline`:
+// false once the deadline has passed. Without futex_waitv (Linux < 5.16), sleeps on the bell alone, in
+// slices of at most 1 ms, so a death is still seen within one.
+bool sleep_on(uint32_t* bell, uint32_t rung, std::atomic<uint32_t>* deaths, uint32_t deaths_seen,
+              std::chrono::steady_clock::time_point deadline) {
+  static bool have_waitv = true;
+  const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - std::chrono::steady_clock::now());
+  if (left.count() <= 0) return false;
+  if (have_waitv) {
+    futex_waitv waiters[2] = {};
+    waiters[0].val = rung;
+    waiters[0].uaddr = reinterpret_cast<uintptr_t>(bell);
+    waiters[0].flags = FUTEX_32;  // shared: the peers ring it
+    waiters[1].val = deaths_seen;
+    waiters[1].uaddr = reinterpret_cast<uintptr_t>(deaths);
+    waiters[1].flags = FUTEX_32 | FUTEX_PRIVATE_FLAG;
+    timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    const int64_t until = now.tv_sec * 1000000000LL + now.tv_nsec + left.count();
+    timespec abs{static_cast<time_t>(until / 1000000000LL), static_cast<long>(until % 1000000000LL)};
+    if (syscall(SYS_futex_waitv, waiters, 2, 0, &abs, CLOCK_MONOTONIC) >= 0 || errno != ENOSYS) return true;
+    have_waitv = false;
+  }
+  const int64_t us = std::min<int64_t>(left.count() / 1000 + 1, 1000);
+  timespec ts{0, static_cast<long>(us * 1000)};
+  syscall(SYS_futex, bell, FUTEX_WAIT, rung, &ts, nullptr, 0);  // EAGAIN: rung since read
+  return true;
+}
 
 bool shm_post(const at::Tensor& segment, int64_t slot_offset, int64_t capacity, const at::Tensor& payload,
               int64_t seq, int64_t bell_offset) {
@@ -155,6 +189,8 @@ bool shm_exchange(const at::Tensor& segment, int64_t rank, int64_t world_size, i
     return reinterpret_cast<Header*>(b + world_size * kBell + (from * world_size + to) * slot_bytes);
   };
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(timeout_us);
+  auto& deaths = moe_resilient::board_deaths();
+  const uint32_t deaths_seen = deaths.load(std::memory_order_acquire);
   ReleaseGil unlocked;
   for (;;) {
     uint32_t rung = std::atomic_ref<uint32_t>(*my_bell).load(std::memory_order_acquire);
@@ -180,10 +216,8 @@ bool shm_exchange(const at::Tensor& segment, int64_t rank, int64_t world_size, i
       finished = finished && done[n + i] == takes[i];
     }
     if (finished) return true;
-    const auto left = std::chrono::duration_cast<std::chrono::microseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) return false;
-    timespec ts{static_cast<time_t>(left.count() / 1000000), static_cast<long>(left.count() % 1000000) * 1000};
-    syscall(SYS_futex, my_bell, FUTEX_WAIT, rung, &ts, nullptr, 0);  // EAGAIN: rung since read
+    if (deaths.load(std::memory_order_acquire) != deaths_seen) return false;  // a peer died: look now
+    if (!sleep_on(my_bell, rung, &deaths, deaths_seen, deadline)) return false;
   }
 }
 
