@@ -1,8 +1,8 @@
 """One rank of the shared-memory transport tests (tests/test_shm.py).
 
     python shm_worker.py OUT equal          every exchange through shared memory equals gloo's, bit for bit
-    python shm_worker.py OUT kill VICTIMS [stop]   VICTIMS (1 or 1,2) SIGKILL (or SIGSTOP) themselves
-                                                   halfway through posting a large exchange
+    python shm_worker.py OUT kill VICTIMS [stop] [receiver]   VICTIMS (1 or 1,2) SIGKILL (or SIGSTOP)
+                            themselves halfway through posting (or taking) a large exchange
 """
 
 import json
@@ -47,18 +47,19 @@ if __name__ == "__main__":
         result["equal"] = equal
     else:
         victims = [int(v) for v in sys.argv[3].split(",")]
-        how = signal.SIGSTOP if sys.argv[4:] == ["stop"] else signal.SIGKILL
+        how = signal.SIGSTOP if "stop" in sys.argv[4:] else signal.SIGKILL
+        counted = slice(1, 2) if "receiver" in sys.argv[4:] else slice(0, 1)  # its takes, or its posts
         sizes = {(s, d): 300_000 for s in range(W) for d in range(W)}  # 5 messages per pair
         if rank in victims:
             from moe_resilient import shm
             real, hit = shm._exchange, []
 
-            def exchange_then_die(*args):  # dies (or hangs) once it has posted two messages: mid-transfer
+            def exchange_then_die(*args):  # dies (or hangs) once it has posted (taken) two messages
                 *head, state, timeout_us = args
                 peers = len(head[4])
                 while True:
                     done = real(*head, state, min(timeout_us, 200))  # in 0.2 ms slices
-                    if int(state[:peers].sum()) >= 2 and not hit:
+                    if int(state.view(2, peers)[counted].sum()) >= 2 and not hit:
                         hit.append(True)
                         os.kill(os.getpid(), how)
                     if done or timeout_us <= 200:

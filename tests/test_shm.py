@@ -46,12 +46,13 @@ def test_exchanges_equal_gloo_bit_for_bit(tmp_path):
     assert not glob.glob(os.path.join(shm.SHM_DIR, f"moe_resilient_{job.replace('.', '_')}*"))
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-def test_a_sender_killed_mid_transfer_is_lost_and_survivors_go_on(tmp_path, victim):
-    """The victim dies after posting its second 1 MiB message of a 4.6 MiB-per-pair exchange: the
-    survivors see it gone on the liveness board, clear it in the exchange's live-rank mask, agree it
-    away with RankFailure, and the next exchange (a fresh segment) goes through between them."""
-    codes, logs, results, _ = _run(tmp_path, "kill", str(victim))
+@pytest.mark.parametrize("victim,side", [(1, "sender"), (0, "sender"), (2, "receiver")])
+def test_a_rank_killed_mid_transfer_is_lost_and_survivors_go_on(tmp_path, victim, side):
+    """The victim dies after posting (as a sender) or taking (as a receiver) its second 1 MiB message
+    of a 4.6 MiB-per-pair exchange: the survivors see it gone on the liveness board, clear it in the
+    exchange's live-rank mask, agree it away with RankFailure, and the next exchange (a fresh segment)
+    goes through between them."""
+    codes, logs, results, _ = _run(tmp_path, "kill", str(victim), *(["receiver"] if side == "receiver" else []))
     survivors = [r for r in range(3) if r != victim]
     assert codes == {r: -signal.SIGKILL if r == victim else 0 for r in range(3)}, logs
     assert sorted(results) == survivors
