@@ -6,9 +6,10 @@ generation. It holds a doorbell per rank and one slot per ordered pair of ranks
 (csrc/process/shm_exchange.cpp: the sender copies a message in and publishes its sequence number
 last; the receiver copies it out and acknowledges it; each rings the other's doorbell). A pair's bytes
 go in messages of at most ``capacity`` bytes, numbered alike on both sides, so any size passes. An
-exchange runs in C++ for a slice of its deadline at a time, sleeping on its rank's doorbell while
-nothing can move: ``ShmWork.wait(timeout)``, so ElasticGroup waits on it exactly as on a gloo work,
-between slices probing the liveness board and heartbeats. A sender killed mid-copy never publishes, so no receiver reads torn rows, and a new
+exchange runs in C++ for a slice of its deadline at a time (``ShmWork.wait(timeout)``), sleeping on its
+rank's doorbell, or on a peer's death seen by the liveness-board watchers, while nothing can move; so
+ElasticGroup waits on it exactly as on a gloo work, between slices probing the liveness board and
+heartbeats. A sender killed mid-copy never publishes, so no receiver reads torn rows, and a new
 generation starts from a fresh segment.
 """
 
