@@ -22,6 +22,8 @@
 #include <map>
 #include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "board_deaths.h"
 
@@ -105,37 +107,48 @@ PyObject* liveness_hold(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// Ranks (of those given) whose mutex nobody holds: exited, or never started. Reads the futex word
-// instead of trying the lock: a robust mutex keeps its owner's thread id there (the kernel clears it,
-// setting FUTEX_OWNER_DIED, when the owner dies), and a read cannot be mistaken for an owner by
-// another prober, as a trylock preempted before its unlock would be.
-PyObject* liveness_dead(PyObject*, PyObject* args) {
+// The slots of (path, ranks) call arguments, with each rank's Python object. Returns the ranks as a
+// sequence that holds those objects (the caller releases it), or nullptr with a Python error set on a
+// bad path or rank.
+PyObject* slots_of(PyObject* args, std::vector<std::pair<PyObject*, pthread_mutex_t*>>& out) {
   const char* path;
   PyObject* ranks;
   if (!PyArg_ParseTuple(args, "sO", &path, &ranks)) return nullptr;
   Board* b = board(path);
   if (!b) return nullptr;
   PyObject* seq = PySequence_Fast(ranks, "ranks must be a sequence of ints");
-  if (!seq) return nullptr;
-  PyObject* dead = PyList_New(0);
-  for (Py_ssize_t i = 0; dead && i < PySequence_Fast_GET_SIZE(seq); ++i) {
+  for (Py_ssize_t i = 0; seq && i < PySequence_Fast_GET_SIZE(seq); ++i) {
     PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
     Py_ssize_t rank = PyNumber_AsSsize_t(item, PyExc_OverflowError);
     pthread_mutex_t* m = (rank == -1 && PyErr_Occurred()) ? nullptr : slot(b, path, rank);
-    if (!m) {
-      Py_CLEAR(dead);
-      break;
+    if (m) {
+      out.emplace_back(item, m);
+    } else {
+      Py_CLEAR(seq);
     }
-    const unsigned word = __atomic_load_n(reinterpret_cast<unsigned*>(&m->__data.__lock), __ATOMIC_ACQUIRE);
-    if ((word & FUTEX_TID_MASK) != 0) continue;  // an owner's thread id: alive
-    if (PyList_Append(dead, item) != 0) Py_CLEAR(dead);
+  }
+  return seq;
+}
+
+// A robust mutex keeps its owner's thread id in its futex word (the kernel clears it, setting
+// FUTEX_OWNER_DIED, when the owner dies); 0: nobody holds it.
+unsigned owner_tid(pthread_mutex_t* m) {
+  return __atomic_load_n(reinterpret_cast<unsigned*>(&m->__data.__lock), __ATOMIC_ACQUIRE) & FUTEX_TID_MASK;
+}
+
+// Ranks (of those given) whose mutex nobody holds: exited, or never started. Reads the futex word
+// instead of trying the lock: a read cannot be mistaken for an owner by another prober, as a trylock
+// preempted before its unlock would be.
+PyObject* liveness_dead(PyObject*, PyObject* args) {
+  std::vector<std::pair<PyObject*, pthread_mutex_t*>> slots;
+  PyObject* seq = slots_of(args, slots);
+  if (!seq) return nullptr;
+  PyObject* dead = PyList_New(0);
+  for (auto& [item, m] : slots) {
+    if (dead && owner_tid(m) == 0 && PyList_Append(dead, item) != 0) Py_CLEAR(dead);
   }
   Py_DECREF(seq);
   return dead;
-}
-
-unsigned owner_tid(pthread_mutex_t* m) {
-  return __atomic_load_n(reinterpret_cast<unsigned*>(&m->__data.__lock), __ATOMIC_ACQUIRE) & FUTEX_TID_MASK;
 }
 
 // Watch one slot for as long as the process lives: block in the lock while its owner holds it (the
@@ -158,20 +171,10 @@ void watch(pthread_mutex_t* m) {
 // Start a watcher thread for each of ``ranks`` (once per slot and process).
 PyObject* liveness_watch(PyObject*, PyObject* args) {
   static std::map<pthread_mutex_t*, bool> watched;
-  const char* path;
-  PyObject* ranks;
-  if (!PyArg_ParseTuple(args, "sO", &path, &ranks)) return nullptr;
-  Board* b = board(path);
-  if (!b) return nullptr;
-  PyObject* seq = PySequence_Fast(ranks, "ranks must be a sequence of ints");
+  std::vector<std::pair<PyObject*, pthread_mutex_t*>> slots;
+  PyObject* seq = slots_of(args, slots);
   if (!seq) return nullptr;
-  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
-    Py_ssize_t rank = PyNumber_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i), PyExc_OverflowError);
-    pthread_mutex_t* m = (rank == -1 && PyErr_Occurred()) ? nullptr : slot(b, path, rank);
-    if (!m) {
-      Py_DECREF(seq);
-      return nullptr;
-    }
+  for (auto& [item, m] : slots) {
     if (!watched[m]) {
       watched[m] = true;
       std::thread(watch, m).detach();
