@@ -32,12 +32,22 @@ class Collectives:
             out[r] = n
         return torch.tensor(out, dtype=torch.long)
 
-    def all_to_all(self, send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
+    def all_to_all(self, send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
         """send [sum(send_counts), ...] rows grouped by destination global rank -> received rows
-        grouped by source global rank. Counts are [W]; non-members must be 0."""
+        grouped by source global rank. Counts are [W]; non-members must be 0. ``out``: a contiguous
+        tensor of the received shape and send's dtype to receive into (a buffer reused across calls
+        saves faulting in fresh pages each time)."""
         sent, got = send_counts.tolist(), recv_counts.tolist()
         in_splits, out_splits = [sent[r] for r in self.members], [got[r] for r in self.members]
-        recv = send.new_empty((sum(out_splits), *send.shape[1:]))
+        shape = (sum(out_splits), *send.shape[1:])
+        if out is None:
+            recv = send.new_empty(shape)
+        elif tuple(out.shape) != shape or out.dtype != send.dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {send.dtype} tensor of shape {list(shape)}, got "
+                             f"{out.dtype} {list(out.shape)}")
+        else:
+            recv = out
         send = send.contiguous()
         self._run(lambda pg: self._alltoall(pg, recv, send, out_splits, in_splits))
         return recv

@@ -17,13 +17,15 @@ from moe_resilient.group import ElasticGroup, FencedError, RankFailure
 SHAPES = [0, 1, 5, 300_000]  # rows to a peer: none, one, a few, and more than one message (1 MiB) of fp32 x 4
 
 
-def exchange(group, sizes, dtype, width, seed):
-    """Rows for each member: sizes[(src, dst)] rows of ``width``, values from (src, dst, seed)."""
+def exchange(group, sizes, dtype, width, seed, into=False):
+    """Rows for each member: sizes[(src, dst)] rows of ``width``, values from (src, dst, seed); with
+    ``into``, received into a given output tensor."""
     g = torch.Generator().manual_seed(seed * 100 + group.rank)
     send_counts = torch.tensor([sizes[(group.rank, d)] for d in range(group.world_size)])
     recv_counts = torch.tensor([sizes[(s, group.rank)] for s in range(group.world_size)])
     send = torch.randn(int(send_counts.sum()), width, generator=g).to(dtype)
-    return group.all_to_all(send, send_counts, recv_counts)
+    out = torch.full((int(recv_counts.sum()), width), 7.0, dtype=dtype) if into else None
+    return group.all_to_all(send, send_counts, recv_counts, out=out)
 
 
 if __name__ == "__main__":
@@ -39,12 +41,19 @@ if __name__ == "__main__":
                      for s in range(W) for d in range(W)}
             for dtype in (torch.float32, torch.bfloat16):
                 width = 4 if sizes and max(sizes.values()) > 1000 else 33
-                via_shm = exchange(group, sizes, dtype, width, seed)
+                via_shm = exchange(group, sizes, dtype, width, seed, into=seed % 2 == 1)
                 shm, group._shm = group._shm, None
                 via_gloo = exchange(group, sizes, dtype, width, seed)
                 group._shm = shm
                 equal.append(bool(torch.equal(via_shm, via_gloo)) and via_shm.dtype == dtype)
         result["equal"] = equal
+        try:  # an output of the wrong shape is refused before anything is exchanged, on every rank
+            group.all_to_all(torch.zeros(W, 3), torch.ones(W, dtype=torch.long), torch.ones(W, dtype=torch.long),
+                             out=torch.empty(W + 1, 3))
+        except ValueError as exc:
+            result["bad_out"] = str(exc)
+        result["after_bad_out"] = exchange(group, {(s, d): 2 for s in range(W) for d in range(W)},
+                                           torch.float32, 3, 5).shape[0]
     else:
         victims = [int(v) for v in sys.argv[3].split(",")]
         how = signal.SIGSTOP if "stop" in sys.argv[4:] else signal.SIGKILL

@@ -37,12 +37,15 @@ def _run(tmp_path, *args, nproc=3, wake=None):
 
 def test_exchanges_equal_gloo_bit_for_bit(tmp_path):
     """Random splits over 3 ranks (empty pairs, 0, 1, 5 rows, and 300k rows: several messages per pair),
-    fp32 and bf16, 24 exchanges: each equal to the same exchange through gloo. The launcher leaves no
-    segment behind."""
+    fp32 and bf16, 24 exchanges, half into given outputs: each equal to the same exchange through gloo.
+    An output of the wrong shape is refused on every rank, and the group goes on. The launcher leaves
+    no segment behind."""
     codes, logs, results, job = _run(tmp_path, "equal")
     assert codes == {0: 0, 1: 0, 2: 0}, logs
     for r, got in results.items():
         assert got["shm"] and len(got["equal"]) == 24 and all(got["equal"]), (r, got)
+        assert "out must be a contiguous torch.float32 tensor of shape [3, 3]" in got["bad_out"]
+        assert got["after_bad_out"] == 6  # the group goes on
     assert not glob.glob(os.path.join(shm.SHM_DIR, f"moe_resilient_{job.replace('.', '_')}*"))
 
 
