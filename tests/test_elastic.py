@@ -3,13 +3,16 @@ once, a replacement that rejoins; outputs checked against a single-process refer
 
 import datetime
 import glob
+import importlib
 import json
 import os
 import signal
 import sys
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from drill_helpers import records, wait_for
 from moe_resilient.drill import DrillModel, make_batch
@@ -221,6 +224,27 @@ def test_rank_holding_the_gil_keeps_beating_and_is_waited_for(tmp_path):
     assert codes == {0: 0, 1: 0, 2: 0}, codes
     for r in range(3):
         assert json.load(open(tmp_path / f"rank{r}.json")) == [["ok", 3.0, 0]] * 4
+
+
+def test_native_heartbeat_beats_while_the_gil_is_held_and_stops():
+    """The heartbeat class itself: it beats and reads the join counter from its own thread, goes on
+    while this thread holds the GIL in one C call, and stops for good on stop()."""
+    importlib.import_module("moe_resilient._C")  # registers torch.classes.moe_resilient.Heartbeat
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    store.add("p/join/count", 2)
+    heartbeat = torch.classes.moe_resilient.Heartbeat("127.0.0.1", store.port, "p/hb/0/1", "p/join/count", 0.01)
+    heartbeat.start()
+    wait_for(lambda: heartbeat.beats() >= 1, 30, "a first beat")
+    before = int(store.get("p/hb/0/1"))
+    sum(range(3 * 10**7))  # holds the GIL for ~0.4 s
+    assert int(store.get("p/hb/0/1")) > before and heartbeat.joins() == 2 and heartbeat.running()
+    heartbeat.stop()
+    stopped = int(store.get("p/hb/0/1"))
+    time.sleep(0.1)
+    assert not heartbeat.running() and int(store.get("p/hb/0/1")) == stopped == heartbeat.beats()
+    with pytest.raises(RuntimeError, match="port 0 out of range"):
+        torch.classes.moe_resilient.Heartbeat("127.0.0.1", 0, "k", "j", 0.01)
 
 
 CHECKED_IN_THEN_DEAD = """
