@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moe_resilient import shm
 from moe_resilient.group import ElasticGroup, RankFailure
 
 SLACK = 3.0  # seconds of scheduling noise allowed over a deadline on a loaded 2-core host
@@ -17,8 +18,9 @@ SLACK = 3.0  # seconds of scheduling noise allowed over a deadline on a loaded 2
 
 @pytest.fixture
 def store():
-    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=30))
+    s = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30))
+    yield s
+    shm.unlink_job(f"127.0.0.1_{s.port}_")  # the segments of groups a test never closed
 
 
 def _group(store, rank, world, **kw):
