@@ -164,7 +164,6 @@ void watch(pthread_mutex_t* m) {
     pthread_mutex_unlock(m);
     moe_resilient::board_deaths().fetch_add(1, std::memory_order_release);
     syscall(SYS_futex, &moe_resilient::board_deaths(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
-    while (owner_tid(m) == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
 }
 
