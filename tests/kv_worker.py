@@ -9,6 +9,7 @@ generated greedily, its KV cache checkpointed on a writer thread after every tok
 import os
 import signal
 import sys
+import time
 
 from transformers import DynamicCache
 
@@ -36,5 +37,8 @@ if __name__ == "__main__":
         stream.flush()  # the client has it
         ckpt.save("req", cache, tokens)
         if mode == "serve" and len(tokens) - len(PROMPT) == int(sys.argv[3]):
+            deadline = time.monotonic() + 30  # killed once a first block is on disk, the rest in flight
+            while ckpt.covered("req") == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
             os.kill(os.getpid(), signal.SIGKILL)
     ckpt.flush()
