@@ -20,6 +20,7 @@ whole block need recomputing: fewer than ``block_tokens``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -79,23 +80,39 @@ class KVCheckpointer:
         ``tokens``: the ids its positions were computed from (at least as many). Returns the tokens
         the request's checkpoint covers."""
         _check_id(request_id)
-        tokens = [int(t) for t in tokens]
         length = cache.get_seq_length()
         if len(tokens) < length:
             raise ValueError(f"request {request_id!r}: {len(tokens)} token ids for a cache of {length} positions")
         block = self.layout.block_tokens
         done = self._saved.get(request_id, 0)
         for start in range(done, length // block * block, block):
-            keys = [layer.keys[0, :, start:start + block].detach().to("cpu", copy=True) for layer in cache.layers]
-            values = [layer.values[0, :, start:start + block].detach().to("cpu", copy=True) for layer in cache.layers]
-            item = (request_id, start, tokens[start:start + block], keys, values)
-            if self._queue is None:
-                self._write(*item)
-            else:
-                self._queue.put(item)
-            done = start + block
-        self._saved[request_id] = done
-        return done
+            self.save_block(request_id, start, tokens[start:start + block],
+                            [layer.keys[0, :, start:start + block] for layer in cache.layers],
+                            [layer.values[0, :, start:start + block] for layer in cache.layers])
+        return self._saved.get(request_id, 0)
+
+    def saved(self, request_id: str) -> int:
+        """Tokens covered by the blocks this checkpointer has written or queued for the request."""
+        return self._saved.get(request_id, 0)
+
+    def save_block(self, request_id: str, start: int, tokens, keys: list, values: list) -> None:
+        """Checkpoint the request's block at position ``start`` (the next one: blocks are saved in
+        order): its ``block_tokens`` token ids and, per layer, keys and values [kv_heads,
+        block_tokens, head_dim]. They are copied before this returns."""
+        _check_id(request_id)
+        if start != self._saved.get(request_id, 0):
+            raise ValueError(f"request {request_id!r}: block at {start} saved after {self._saved.get(request_id, 0)} "
+                             "tokens (blocks go in order)")
+        item = (request_id, start, [int(t) for t in tokens], [k.detach().to("cpu", copy=True) for k in keys],
+                [v.detach().to("cpu", copy=True) for v in values])
+        self._do(functools.partial(self._write, *item))
+        self._saved[request_id] = start + self.layout.block_tokens
+
+    def _do(self, work) -> None:
+        if self._queue is None:
+            work()
+        else:
+            self._queue.put(work)
 
     def flush(self) -> None:
         """Wait until every queued block is written; re-raises a writer's error."""
@@ -107,9 +124,9 @@ class KVCheckpointer:
 
     def _writer(self) -> None:
         while True:
-            item = self._queue.get()
+            work = self._queue.get()
             try:
-                self._write(*item)
+                work()
             except BaseException as exc:  # noqa: BLE001 - handed to flush()
                 self._error = exc
             finally:
@@ -133,11 +150,10 @@ class KVCheckpointer:
             n += self.layout.block_tokens
         return n
 
-    def restore(self, request_id: str, config=None):
-        """(DynamicCache, token ids) of the request's checkpoint, every block checked first; raises
-        KVCheckpointError if there is none or any block is foreign, out of order or corrupt."""
-        from transformers import DynamicCache
-
+    def load(self, request_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        """(keys, values per layer [kv_heads, n, head_dim], the n token ids) of the request's
+        checkpoint, every block checked first; raises KVCheckpointError if there is none or any block
+        is foreign, out of order or corrupt."""
         _check_id(request_id)
         n = self.covered(request_id)
         if n == 0:
@@ -149,11 +165,28 @@ class KVCheckpointer:
             for i in range(self.layout.layers):
                 keys[i].append(block[f"k{i}"])
                 values[i].append(block[f"v{i}"])
-        cache = DynamicCache(config=config) if config is not None else DynamicCache()
-        for i in range(self.layout.layers):
-            cache.update(torch.cat(keys[i], dim=1)[None], torch.cat(values[i], dim=1)[None], i)
         self._saved[request_id] = n
+        return [torch.cat(k, dim=1) for k in keys], [torch.cat(v, dim=1) for v in values], tokens
+
+    def restore(self, request_id: str, config=None):
+        """(DynamicCache, token ids) of the request's checkpoint (``load``, into an HF cache)."""
+        from transformers import DynamicCache
+
+        keys, values, tokens = self.load(request_id)
+        cache = DynamicCache(config=config) if config is not None else DynamicCache()
+        for i, (k, v) in enumerate(zip(keys, values)):
+            cache.update(k[None], v[None], i)
         return cache, tokens
+
+    def discard(self, request_id: str) -> None:
+        """Delete the request's blocks (it finished), after its queued writes."""
+        _check_id(request_id)
+        self._saved.pop(request_id, None)
+        self._do(functools.partial(self._delete, request_id))
+
+    def _delete(self, request_id: str) -> None:
+        for start in self._starts(request_id):
+            os.unlink(self._path(request_id, start))
 
     def _read(self, request_id: str, start: int) -> dict[str, torch.Tensor]:
         path = self._path(request_id, start)
