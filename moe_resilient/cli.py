@@ -90,6 +90,30 @@ def store(host, port):
 
 
 @main.command()
+@click.option("--model", default="tiny-qwen3-moe", show_default=True,
+              help="an HF checkpoint directory (safetensors), or the seeded preset tiny-qwen3-moe")
+@click.option("--nproc", default=4, show_default=True, help="ranks: attention data-parallel, MoE expert-parallel")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--work-dir", type=click.Path(file_okay=False), help="journals and KV checkpoints (default: a temp dir)")
+@click.option("--block-tokens", default=16, show_default=True, help="KV block size, and the checkpoint interval")
+@click.option("--restore", type=click.Choice(["checkpoint", "recompute"]), default="checkpoint", show_default=True,
+              help="how survivors take a lost rank's requests over")
+def serve(model, nproc, host, port, work_dir, block_tokens, restore):
+    """Serve MODEL on NPROC ranks behind an OpenAI-compatible /v1/completions (streaming) endpoint;
+    requests survive the death of ranks."""
+    import tempfile
+
+    from moe_resilient.serving.http import serve as run
+
+    try:
+        run(model, nproc, work_dir or tempfile.mkdtemp(prefix="moe_resilient_serve_"), host, port, echo=click.echo,
+            block_tokens=block_tokens, restore=restore)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@main.command()
 @click.option("--nproc", default=4, show_default=True)
 @click.option("--steps", default=300, show_default=True)
 @click.option("--tokens", default=32, show_default=True, help="tokens per rank per step")
@@ -109,8 +133,16 @@ def store(host, port):
 @click.option("--layers", default=4, show_default=True, help="MoE blocks")
 @click.option("--hidden", default=512, show_default=True, help="hidden size (experts' intermediate size: 2x)")
 @click.option("--experts", default=16, show_default=True, help="experts per block")
+@click.option("--serving", is_flag=True, help="request-level drill: a Poisson load of streamed requests on the "
+              "serving engine, the failure --fail-at seconds in, against recompute-style recovery (and with "
+              "--baseline restart, a full restart)")
+@click.option("--requests", default=24, show_default=True, help="--serving: requests in the load")
+@click.option("--rate", default=6.0, show_default=True, help="--serving: arrivals per second")
+@click.option("--prompt-tokens", default="256,768", show_default=True, help="--serving: prompt length range")
+@click.option("--new-tokens", default=64, show_default=True, help="--serving: tokens generated per request")
+@click.option("--fail-at", default=2.0, show_default=True, help="--serving: seconds into the load")
 def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host, hang, replace, baseline, json_path,
-          plot_path, compile_, layers, hidden, experts):
+          plot_path, compile_, layers, hidden, experts, serving, requests, rate, prompt_tokens, new_tokens, fail_at):
     """Serve a MoE model expert-parallel on NPROC ranks, fail ranks mid-stream, measure the interruption."""
     import json
 
@@ -123,6 +155,9 @@ def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host,
             raise click.BadParameter(f"{text!r} is not a comma-separated list of integers",
                                      param_hint=option) from None
 
+    if serving:
+        return _serving_drill(nproc, ints(fail_rank, "--fail-rank"), hang, baseline, json_path, plot_path, requests,
+                              rate, ints(prompt_tokens, "--prompt-tokens"), new_tokens, fail_at)
     try:
         result = run_drill(nproc, steps, ints(fail_rank, "--fail-rank"), ints(fail_step, "--fail-step"), hang=hang,
                            replace=replace, baseline=baseline == "restart", tokens=tokens, compile=compile_,
@@ -147,6 +182,40 @@ def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host,
         click.echo(f"full restart: every rank {result['restart_cold_s']:.2f} s cold, {result['restart_warm_s']:.2f} s "
                    f"warm; one rank alone {result['restart_one_rank_s']:.2f} s warm; with detection and teardown "
                    f"{result['restart_total_s']:.2f} s = {result['restart_over_pause']:.0f}x the elastic pause")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    if plot_path:
+        plot(result, plot_path)
+
+
+def _serving_drill(nproc, fail_ranks, hang, baseline, json_path, plot_path, requests, rate, prompt_tokens, new_tokens,
+                   fail_at):
+    import json
+
+    from moe_resilient.serving.loadgen import Load, plot, serving_drill
+
+    if len(fail_ranks) != 1 or not 0 <= fail_ranks[0] < nproc or nproc < 2:
+        raise click.UsageError(f"--serving fails one rank of 0..{nproc - 1} (and needs --nproc >= 2)")
+    if len(prompt_tokens) != 2 or not 1 <= prompt_tokens[0] <= prompt_tokens[1]:
+        raise click.UsageError("--prompt-tokens takes LOW,HIGH with 1 <= LOW <= HIGH")
+    if hang and baseline == "restart":
+        raise click.UsageError("--baseline restart relaunches on a rank's exit; a hung rank does not exit")
+    load = Load(requests=requests, rate=rate, prompt_tokens=tuple(prompt_tokens), new_tokens=new_tokens)
+    recoveries = ("checkpoint", "recompute") + (("restart",) if baseline == "restart" else ())
+    result = serving_drill(nproc, load, fail_rank=fail_ranks[0], fail_after=fail_at, hang=hang, recoveries=recoveries,
+                           echo=click.echo)
+    ms = lambda v: "n/a" if v is None else f"{v * 1e3:.0f} ms"  # noqa: E731
+    free = result["free"]
+    click.echo(f"failure-free: TTFT p50 {ms(free['ttft_p50_s'])}, ITL p50 {ms(free['itl_p50_s'])}, "
+               f"p99 {ms(free['itl_p99_s'])}")
+    for name in recoveries:
+        r = result[name]
+        back = r["time_to_95pct_s"]
+        click.echo(f"{name}: stall {ms(r['stall_s'])}, ITL p99 in the second after the failure "
+                   f"{ms(r['itl_window_p99_s'])} (before {ms(r['itl_p99_s'])}), recomputed per request "
+                   f"{r['recomputed_per_request']}, 95% throughput after {'never' if back is None else f'{back:.1f} s'}"
+                   f", tokens equal to failure-free: {r['tokens_equal']}, mismatches {len(r['mismatches'])}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)

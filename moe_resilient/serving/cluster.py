@@ -17,12 +17,11 @@ recomputed from its prompt; its client still sees each token once.
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import selectors
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ class Stream:
     tokens: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     finished: bool = False
+    listeners: list = field(default_factory=list)  # called (on the receiving thread) after new tokens
     _pending: dict = field(default_factory=dict)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -66,6 +66,8 @@ class Stream:
                 self.times.append(now)
                 self.finished = finished or len(self.tokens) >= self.max_new_tokens
             self._cond.notify_all()
+        for listener in self.listeners:
+            listener()
         return None
 
     def wait(self, timeout: float = 60.0) -> list[int]:
@@ -115,12 +117,11 @@ class ServingCluster:
         self.restarts: list[tuple[float, float]] = []  # (rank death seen, every rank ready again)
         self.launcher: Launcher | None = None
         self._lock = threading.Lock()
-        self._ready: set[int] = set()
+        self._ready: dict[int, int] = {}  # rank -> pid, once serving
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._closing = False
-        self._epoch = itertools.count()
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 120.0) -> ServingCluster:
@@ -131,12 +132,11 @@ class ServingCluster:
         return self
 
     def _launch(self, timeout: float) -> None:
-        epoch = next(self._epoch)
-        run_dir = os.path.join(self.work_dir, f"run{epoch}")
+        run_dir = tempfile.mkdtemp(prefix="run", dir=self.work_dir)  # journals and checkpoints of this launch
         env = {EVENTS_ENV: f"127.0.0.1:{self._listener.getsockname()[1]}", **self.env}
         cmd = [sys.executable, "-m", "moe_resilient.serving.worker", self.checkpoint, run_dir, *self.args]
         with self._lock:
-            self._ready = set()
+            self._ready = {}
             self._count = 0
         self.launcher = Launcher(self.nproc, cmd, env=env, log_dir=self.log_dir).start()
         self.store = dist.PrefixStore("moe_resilient", self.launcher.store)
@@ -146,7 +146,7 @@ class ServingCluster:
             if any(rc != 0 for _, rc, _ in self.launcher.exits):
                 raise RuntimeError(f"a rank exited while starting: {self.launcher.exits} (logs: {self.log_dir})")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks {sorted(set(range(self.nproc)) - self._ready)} not ready in {timeout} s")
+                raise TimeoutError(f"ranks {sorted(set(range(self.nproc)) - set(self._ready))} not ready in {timeout} s")
             time.sleep(0.01)
 
     def close(self) -> None:
@@ -183,6 +183,11 @@ class ServingCluster:
         self.store.set(f"serve/req/{self._count}", json.dumps(spec))
         self._count += 1
         self.store.add("serve/count", 1)  # after the spec: a rank reads only requests below the count
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """rank -> pid of every rank that has started serving."""
+        return dict(self._ready)
 
     def kill(self, rank: int, sig: int) -> float:
         return self.launcher.kill(rank, sig)
@@ -222,7 +227,7 @@ class ServingCluster:
     def _handle(self, message: dict, now: float) -> None:
         if "ready" in message:
             with self._lock:
-                self._ready.add(message["ready"])
+                self._ready[message["ready"]] = message["pid"]
         elif "adopt" in message:
             self.adoptions.append(message["adopt"])
         for request_id, index, token, _, finished in message.get("tokens", ()):
