@@ -116,10 +116,12 @@ def app(cluster: ServingCluster, model_name: str, *, token_timeout: float = 60.0
 
 
 def serve(model: str, nproc: int, work_dir: str, host: str, port: int, echo=print, **cluster_kwargs) -> None:
-    """Start the ranks, then answer HTTP on host:port until interrupted."""
+    """Start the ranks (their output goes to WORK_DIR/logs), then answer HTTP on host:port until
+    interrupted."""
     import uvicorn
 
-    with ServingCluster(model, nproc, work_dir, **cluster_kwargs) as cluster:
+    log_dir = os.path.join(work_dir, "logs")
+    with ServingCluster(model, nproc, work_dir, log_dir=log_dir, **cluster_kwargs) as cluster:
         echo(f"moe_resilient serving {model} on {nproc} ranks at http://{host}:{port}/v1/completions")
         sys.stdout.flush()
         uvicorn.run(app(cluster, os.path.basename(os.path.normpath(model))), host=host, port=port, log_level="warning")
