@@ -1,14 +1,16 @@
 """Per-request KV-cache checkpoints: incremental, asynchronous, fingerprinted, refused on a mismatch.
 
 A request's cache is checkpointed in whole blocks of ``block_tokens`` tokens: keys and values of
-every layer for those positions, with the token ids they were computed from. ``save`` writes only
-the blocks completed since the last save, each as its own safetensors file (written aside, then
-renamed) whose metadata holds the fingerprint (model, cache layout, request id, first token, token
-count) and a checksum of every tensor (the shadow store's, csrc/cpu/checksum.cpp). With
-``background=True`` the new blocks are copied at once and written on a thread (``flush`` waits).
+every layer for those positions, with the token ids they were computed from. Each save writes only
+blocks completed since the last one, as one safetensors file (written aside, then renamed; named by
+its first and end token) whose metadata holds the fingerprint (model, cache layout, request id,
+first token, token count) and a checksum of every tensor (the shadow store's,
+csrc/cpu/checksum.cpp): ``save`` a file per block of an HF cache, ``save_blocks`` a file for a
+serving engine's step. With ``background=True`` the new blocks are copied at once and written on a
+thread (``flush`` waits).
 
-``restore`` reads the request's blocks back in order into a fresh HF ``DynamicCache`` and refuses
-(``KVCheckpointError``, naming the request, block and what differs) a block of another model, layout
+``load`` / ``restore`` read the request's files back in order and refuse
+(``KVCheckpointError``, naming the request, block and what differs) a file of another model, layout
 or request, one that does not continue the block before it, or one whose bytes changed. The caller
 then recomputes that request from its tokens instead. After a restore only the tokens past the last
 whole block need recomputing: fewer than ``block_tokens``.
@@ -85,28 +87,31 @@ class KVCheckpointer:
             raise ValueError(f"request {request_id!r}: {len(tokens)} token ids for a cache of {length} positions")
         block = self.layout.block_tokens
         done = self._saved.get(request_id, 0)
-        for start in range(done, length // block * block, block):
-            self.save_block(request_id, start, tokens[start:start + block],
-                            [layer.keys[0, :, start:start + block] for layer in cache.layers],
-                            [layer.values[0, :, start:start + block] for layer in cache.layers])
+        for start in range(done, length // block * block, block):  # a file per block
+            self.save_blocks(request_id, start, tokens[start:start + block],
+                             [layer.keys[0, :, start:start + block] for layer in cache.layers],
+                             [layer.values[0, :, start:start + block] for layer in cache.layers])
         return self._saved.get(request_id, 0)
 
     def saved(self, request_id: str) -> int:
         """Tokens covered by the blocks this checkpointer has written or queued for the request."""
         return self._saved.get(request_id, 0)
 
-    def save_block(self, request_id: str, start: int, tokens, keys: list, values: list) -> None:
-        """Checkpoint the request's block at position ``start`` (the next one: blocks are saved in
-        order): its ``block_tokens`` token ids and, per layer, keys and values [kv_heads,
-        block_tokens, head_dim]. They are copied before this returns."""
+    def save_blocks(self, request_id: str, start: int, tokens, keys: list, values: list) -> None:
+        """Checkpoint the request's next whole blocks, from position ``start`` (blocks are saved in
+        order) as one file: their token ids and, per layer, keys and values [kv_heads, len(tokens),
+        head_dim]. They are copied before this returns."""
         _check_id(request_id)
         if start != self._saved.get(request_id, 0):
-            raise ValueError(f"request {request_id!r}: block at {start} saved after {self._saved.get(request_id, 0)} "
+            raise ValueError(f"request {request_id!r}: blocks at {start} saved after {self._saved.get(request_id, 0)} "
                              "tokens (blocks go in order)")
+        if not tokens or len(tokens) % self.layout.block_tokens:
+            raise ValueError(f"request {request_id!r}: {len(tokens)} tokens is not a whole number of "
+                             f"{self.layout.block_tokens}-token blocks")
         item = (request_id, start, [int(t) for t in tokens], [k.detach().to("cpu", copy=True) for k in keys],
                 [v.detach().to("cpu", copy=True) for v in values])
         self._do(functools.partial(self._write, *item))
-        self._saved[request_id] = start + self.layout.block_tokens
+        self._saved[request_id] = start + len(tokens)
 
     def _do(self, work) -> None:
         if self._queue is None:
@@ -136,18 +141,18 @@ class KVCheckpointer:
         tensors = {"tokens": torch.tensor(tokens, dtype=torch.int64)}
         for i, (k, v) in enumerate(zip(keys, values)):
             tensors[f"k{i}"], tensors[f"v{i}"] = k.contiguous(), v.contiguous()
-        self._check_shapes(request_id, start, tensors)
+        self._check_shapes(request_id, start, tensors, len(tokens))
         meta = self._fingerprint(request_id, start, len(tokens))
         meta["checksums"] = json.dumps({name: checksum(t) for name, t in tensors.items()})
-        _atomic_save(tensors, self._path(request_id, start), meta)
+        _atomic_save(tensors, self._path(request_id, start, start + len(tokens)), meta)
 
     # ----------------------------------------------------------------------------------- restore
     def covered(self, request_id: str) -> int:
         """Tokens covered by the request's blocks on disk (in order from 0, unchecked)."""
-        starts = self._starts(request_id)
+        stops = self._segments(request_id)
         n = 0
-        while n in starts:
-            n += self.layout.block_tokens
+        while n in stops:
+            n = stops[n]
         return n
 
     def load(self, request_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
@@ -159,8 +164,10 @@ class KVCheckpointer:
         if n == 0:
             raise KVCheckpointError(f"request {request_id!r}: no checkpoint in {self.directory}")
         tokens, keys, values = [], [[] for _ in range(self.layout.layers)], [[] for _ in range(self.layout.layers)]
-        for start in range(0, n, self.layout.block_tokens):
-            block = self._read(request_id, start)
+        segments, start = self._segments(request_id), 0
+        while start < n:
+            block = self._read(request_id, start, segments[start])
+            start = segments[start]
             tokens += block["tokens"].tolist()
             for i in range(self.layout.layers):
                 keys[i].append(block[f"k{i}"])
@@ -185,11 +192,11 @@ class KVCheckpointer:
         self._do(functools.partial(self._delete, request_id))
 
     def _delete(self, request_id: str) -> None:
-        for start in self._starts(request_id):
-            os.unlink(self._path(request_id, start))
+        for start, stop in self._segments(request_id).items():
+            os.unlink(self._path(request_id, start, stop))
 
-    def _read(self, request_id: str, start: int) -> dict[str, torch.Tensor]:
-        path = self._path(request_id, start)
+    def _read(self, request_id: str, start: int, stop: int) -> dict[str, torch.Tensor]:
+        path = self._path(request_id, start, stop)
         where = f"request {request_id!r}, block at token {start} ({path})"
         try:
             with safe_open(path, "pt") as f:
@@ -197,7 +204,7 @@ class KVCheckpointer:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as exc:  # noqa: BLE001 - a truncated or garbled file
             raise KVCheckpointError(f"{where}: unreadable: {exc}") from None
-        want = self._fingerprint(request_id, start, self.layout.block_tokens)
+        want = self._fingerprint(request_id, start, stop - start)
         for field, value in want.items():
             if meta.get(field) != value:
                 raise KVCheckpointError(f"{where}: {field} is {meta.get(field)!r}, expected {value!r}")
@@ -207,7 +214,7 @@ class KVCheckpointer:
         for name, t in tensors.items():
             if checksum(t) != sums[name]:
                 raise KVCheckpointError(f"{where}: tensor {name!r} fails its checksum (the bytes changed)")
-        self._check_shapes(request_id, start, tensors, error=KVCheckpointError)
+        self._check_shapes(request_id, start, tensors, stop - start, error=KVCheckpointError)
         return tensors
 
     # ----------------------------------------------------------------------------------- helpers
@@ -215,9 +222,9 @@ class KVCheckpointer:
         return {"model": self.model_id, "layout": json.dumps(asdict(self.layout), sort_keys=True),
                 "request": request_id, "start": str(start), "count": str(count)}
 
-    def _check_shapes(self, request_id, start, tensors, error=ValueError) -> None:
+    def _check_shapes(self, request_id, start, tensors, count, error=ValueError) -> None:
         lay = self.layout
-        shape = [lay.kv_heads, lay.block_tokens, lay.head_dim]
+        shape = [lay.kv_heads, count, lay.head_dim]
         for i in range(lay.layers):
             for name in (f"k{i}", f"v{i}"):
                 t = tensors.get(name)
@@ -225,16 +232,17 @@ class KVCheckpointer:
                     got = None if t is None else (list(t.shape), str(t.dtype))
                     raise error(f"request {request_id!r}, block at token {start}: {name} is {got}, layout wants "
                                 f"{shape} {lay.dtype}")
-        if tensors["tokens"].shape != (lay.block_tokens,):
+        if tensors["tokens"].shape != (count,):
             raise error(f"request {request_id!r}, block at token {start}: {tensors['tokens'].shape[0]} token ids, "
-                        f"expected {lay.block_tokens}")
+                        f"expected {count}")
 
-    def _path(self, request_id: str, start: int) -> str:
-        return os.path.join(self.directory, f"{request_id}.{start:09d}.safetensors")
+    def _path(self, request_id: str, start: int, stop: int) -> str:
+        return os.path.join(self.directory, f"{request_id}.{start:09d}-{stop:09d}.safetensors")
 
-    def _starts(self, request_id: str) -> set[int]:
-        pattern = re.compile(re.escape(request_id) + r"\.(\d{9})\.safetensors$")
-        return {int(m.group(1)) for name in os.listdir(self.directory) if (m := pattern.match(name))}
+    def _segments(self, request_id: str) -> dict[int, int]:
+        """{start: stop} of the request's files."""
+        pattern = re.compile(re.escape(request_id) + r"\.(\d{9})-(\d{9})\.safetensors$")
+        return {int(m.group(1)): int(m.group(2)) for name in os.listdir(self.directory) if (m := pattern.match(name))}
 
 
 def _check_id(request_id: str) -> None:

@@ -87,7 +87,7 @@ def saved(model, tmp_path):
 
 
 def _block(path, request, start):
-    return path / f"{request}.{start:09d}.safetensors"
+    return path / f"{request}.{start:09d}-{start + BLOCK:09d}.safetensors"
 
 
 def test_a_flipped_byte_is_refused_naming_the_block(model, saved):

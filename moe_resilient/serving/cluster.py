@@ -99,7 +99,7 @@ class ServingCluster:
     "restart" (relaunch the job)."""
 
     def __init__(self, model: str, nproc: int, work_dir: str, *, block_tokens: int = 16, restore: str = "checkpoint",
-                 recovery: str = "repair", max_step_tokens: int = 256, log_dir: str | None = None,
+                 recovery: str = "repair", max_step_tokens: int = 128, log_dir: str | None = None,
                  env: dict | None = None):
         if restore not in ("checkpoint", "recompute"):
             raise ValueError(f"restore {restore!r}: use 'checkpoint' or 'recompute'")

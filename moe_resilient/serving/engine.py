@@ -132,7 +132,8 @@ class Engine:
         self.running[r.request_id] = r
 
     def schedule(self) -> list[tuple[Request, int]]:
-        """(request, rows this step): every decoding request one row, then prompt chunks to the budget."""
+        """(request, rows this step): every decoding request one row, then chunks to the budget, those
+        of restored requests first."""
         self._admit()
         plan, budget = [], self.max_step_tokens
         for r in self.running.values():
@@ -140,7 +141,8 @@ class Engine:
             if pending == 1:
                 plan.append((r, 1))
                 budget -= 1
-        for r in self.running.values():
+        # restored requests (already streaming) before prompts still prefilling
+        for r in sorted(self.running.values(), key=lambda r: not r.generated):
             pending = len(r.tokens) - r.computed
             if pending > 1 and budget > 0:
                 plan.append((r, min(pending, budget)))

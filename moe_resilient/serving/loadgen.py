@@ -55,23 +55,35 @@ class Load:
 
 def run_load(cluster: ServingCluster, load: Load, *, fail_rank: int | None = None, fail_after: float = 0.0,
              hang: bool = False, timeout: float = 120.0) -> dict:
-    """Submit ``load``; SIGKILL (``hang``: SIGSTOP) ``fail_rank`` ``fail_after`` seconds in. Waits
-    for every stream to finish; returns the raw record (``measure`` turns it into metrics)."""
+    """Submit ``load``; SIGKILL (``hang``: SIGSTOP) ``fail_rank`` mid-stream: at the first moment from
+    ``fail_after`` seconds in when a request it runs is decoding (two tokens streamed, not finished). Waits for
+    every stream to finish; returns the raw record (``measure`` turns it into metrics)."""
     arrivals = load.arrivals()
     streams, start = [], time.time()
-    fail = {}
+    fail, submitted = {}, threading.Event()
+
+    def mid_stream() -> bool:  # request n starts on rank n % nproc
+        return any(len(s.tokens) >= 2 and not s.finished for s in streams[fail_rank::cluster.nproc])
 
     def failer():
         time.sleep(max(0.0, start + fail_after - time.time()))
+        while not mid_stream():
+            if submitted.is_set() and all(s.finished for s in streams):
+                return  # the load ended first: no failure
+            time.sleep(0.0005)
         fail["t"] = cluster.kill(fail_rank, signal.SIGSTOP if hang else signal.SIGKILL)
 
+    failing = threading.Thread(target=failer, daemon=True)
     if fail_rank is not None:
-        threading.Thread(target=failer, daemon=True).start()
+        failing.start()
     for offset, prompt in arrivals:
         time.sleep(max(0.0, start + offset - time.time()))
         streams.append(cluster.submit(prompt, load.new_tokens))
+    submitted.set()
     for s in streams:
         s.wait(timeout)
+    if fail_rank is not None:
+        failing.join()
     return {"start": start, "fail_time": fail.get("t"),
             "requests": [{"submitted": s.submitted, "tokens": s.tokens, "times": s.times} for s in streams],
             "adoptions": list(cluster.adoptions), "mismatches": list(cluster.mismatches),
@@ -99,10 +111,8 @@ def measure(record: dict, baseline: dict | None = None, window_s: float = 1.0) -
         itl_before += gaps[ends < t_fail].tolist()
         itl_window += gaps[(ends >= t_fail) & (t[:-1] < t_fail + window_s)].tolist()
         spans = (t[:-1] <= t_fail) & (ends >= t_fail)  # the gap that holds the failure
-        if spans.any():
+        if spans.any():  # a request still prefilling has no gap yet: the failure shows in its TTFT
             stall = max(stall, float(gaps[spans].max()))
-        elif len(t) and t[0] > t_fail and r["submitted"] <= t_fail:  # submitted, no token before the failure
-            stall = max(stall, float(t[0] - t_fail))
     p = lambda xs, q: float(np.percentile(xs, q)) if len(xs) else None  # noqa: E731
     ttft = [r["times"][0] - r["submitted"] for r in record["requests"] if r["times"]]
     end = max(max(r["times"]) for r in record["requests"] if r["times"]) - record["start"]
@@ -125,9 +135,9 @@ def measure(record: dict, baseline: dict | None = None, window_s: float = 1.0) -
         ours = np.convolve(ours, np.ones(k), "valid")
         theirs = np.convolve(theirs, np.ones(k), "valid")
         first = int((t_fail - record["start"]) / BIN_S)
-        for i in range(first, len(ours)):  # the first 0.5 s window from which on it holds 95%
-            if (ours[i:] >= 0.95 * theirs[i:]).all():
-                result["time_to_95pct_s"] = max(0.0, i * BIN_S - (t_fail - record["start"]))
+        for i in range(first, len(ours)):  # the first 0.5 s window from the failure's bin on with 95%
+            if ours[i] >= 0.95 * theirs[i]:
+                result["time_to_95pct_s"] = (i - first) * BIN_S
                 break
     return result
 

@@ -10,8 +10,10 @@ exactly once.
 
 Per request the owner keeps a journal (its generated tokens, appended before they are streamed) and,
 with ``--restore checkpoint``, its KV cache's whole blocks (``KVCheckpointer``, on a writer thread).
-A survivor taking a request over streams the journal's tokens again (the front door keeps each index
-once), loads the checkpoint, and recomputes only the positions past it; ``--restore recompute``
+A step's tokens are streamed once the blocks completed by the step before are on disk (written
+while the step ran), so a survivor taking a decoding request over recomputes at most one block.
+It streams the journal's tokens again (the front door keeps each index once), loads the
+checkpoint, and recomputes only the positions past it; ``--restore recompute``
 re-prefills the prompt and every generated token instead, as vLLM and Dynamo do. A checkpoint that
 fails its checks is refused and the request recomputed.
 
@@ -154,12 +156,13 @@ class Worker:
         return logits, stop
 
     def _checkpoint(self) -> None:
+        """One file per request per step, of the blocks the step completed."""
         bt = self.engine.cache.block_tokens
         for r in self.engine.running.values():
-            while self.ckpt.saved(r.request_id) + bt <= r.computed:
-                start = self.ckpt.saved(r.request_id)
-                keys, values = self.engine.cache.read(r.blocks, start, start + bt)
-                self.ckpt.save_block(r.request_id, start, r.tokens[start:start + bt], keys, values)
+            start, stop = self.ckpt.saved(r.request_id), r.computed // bt * bt
+            if stop > start:
+                keys, values = self.engine.cache.read(r.blocks, start, stop)
+                self.ckpt.save_blocks(r.request_id, start, r.tokens[start:stop], keys, values)
 
     def serve(self) -> None:
         self.group.start()
@@ -175,6 +178,8 @@ class Worker:
             logits, stop = runner(self._step, plan, self.steps % POLL_STOP_EVERY == 0)
             self.steps += 1
             events = self.engine.advance(plan, logits) if plan else []
+            if self.restore_mode == "checkpoint":
+                self.ckpt.flush()  # the blocks of the step before: written while this one ran
             for e in events:
                 self.journal.append(e.request_id, [e.token])
             if events:
@@ -200,7 +205,7 @@ def main() -> None:
     parser.add_argument("--block-tokens", type=int, default=16)
     parser.add_argument("--restore", choices=["checkpoint", "recompute"], default="checkpoint")
     parser.add_argument("--num-blocks", type=int, default=1024)
-    parser.add_argument("--max-step-tokens", type=int, default=256)
+    parser.add_argument("--max-step-tokens", type=int, default=128)
     a = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     Worker(a.checkpoint, a.work_dir, block_tokens=a.block_tokens, restore=a.restore, num_blocks=a.num_blocks,
