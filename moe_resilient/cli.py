@@ -99,7 +99,9 @@ def store(host, port):
 @click.option("--block-tokens", default=16, show_default=True, help="KV block size, and the checkpoint interval")
 @click.option("--restore", type=click.Choice(["checkpoint", "recompute"]), default="checkpoint", show_default=True,
               help="how survivors take a lost rank's requests over")
-def serve(model, nproc, host, port, work_dir, block_tokens, restore):
+@click.option("--expert-ranks", default=0, show_default=True,
+              help="disaggregated: the last N ranks run experts only, the others attention (0: collocated)")
+def serve(model, nproc, host, port, work_dir, block_tokens, restore, expert_ranks):
     """Serve MODEL on NPROC ranks behind an OpenAI-compatible /v1/completions (streaming) endpoint;
     requests survive the death of ranks."""
     import tempfile
@@ -108,7 +110,7 @@ def serve(model, nproc, host, port, work_dir, block_tokens, restore):
 
     try:
         run(model, nproc, work_dir or tempfile.mkdtemp(prefix="moe_resilient_serve_"), host, port, echo=click.echo,
-            block_tokens=block_tokens, restore=restore)
+            block_tokens=block_tokens, restore=restore, expert_ranks=expert_ranks)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -141,11 +143,12 @@ def serve(model, nproc, host, port, work_dir, block_tokens, restore):
 @click.option("--prompt-tokens", default="256,768", show_default=True, help="--serving: prompt length range")
 @click.option("--new-tokens", default=64, show_default=True, help="--serving: tokens generated per request")
 @click.option("--fail-at", default=2.0, show_default=True, help="--serving: seconds into the load")
+@click.option("--expert-ranks", default=0, show_default=True,
+              help="--serving: disaggregated, the last N ranks run experts only")
 def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host, hang, replace, baseline, json_path,
-          plot_path, compile_, layers, hidden, experts, serving, requests, rate, prompt_tokens, new_tokens, fail_at):
+          plot_path, compile_, layers, hidden, experts, serving, requests, rate, prompt_tokens, new_tokens, fail_at,
+          expert_ranks):
     """Serve a MoE model expert-parallel on NPROC ranks, fail ranks mid-stream, measure the interruption."""
-    import json
-
     from moe_resilient.drill import plot, run_drill
 
     def ints(text, option):
@@ -157,7 +160,7 @@ def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host,
 
     if serving:
         return _serving_drill(nproc, ints(fail_rank, "--fail-rank"), hang, baseline, json_path, plot_path, requests,
-                              rate, ints(prompt_tokens, "--prompt-tokens"), new_tokens, fail_at)
+                              rate, ints(prompt_tokens, "--prompt-tokens"), new_tokens, fail_at, expert_ranks)
     try:
         result = run_drill(nproc, steps, ints(fail_rank, "--fail-rank"), ints(fail_step, "--fail-step"), hang=hang,
                            replace=replace, baseline=baseline == "restart", tokens=tokens, compile=compile_,
@@ -182,6 +185,12 @@ def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host,
         click.echo(f"full restart: every rank {result['restart_cold_s']:.2f} s cold, {result['restart_warm_s']:.2f} s "
                    f"warm; one rank alone {result['restart_one_rank_s']:.2f} s warm; with detection and teardown "
                    f"{result['restart_total_s']:.2f} s = {result['restart_over_pause']:.0f}x the elastic pause")
+    _save(result, json_path, plot_path, plot)
+
+
+def _save(result: dict, json_path, plot_path, plot) -> None:
+    import json
+
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
@@ -190,9 +199,7 @@ def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host,
 
 
 def _serving_drill(nproc, fail_ranks, hang, baseline, json_path, plot_path, requests, rate, prompt_tokens, new_tokens,
-                   fail_at):
-    import json
-
+                   fail_at, expert_ranks):
     from moe_resilient.serving.loadgen import Load, plot, serving_drill
 
     if len(fail_ranks) != 1 or not 0 <= fail_ranks[0] < nproc or nproc < 2:
@@ -201,10 +208,15 @@ def _serving_drill(nproc, fail_ranks, hang, baseline, json_path, plot_path, requ
         raise click.UsageError("--prompt-tokens takes LOW,HIGH with 1 <= LOW <= HIGH")
     if hang and baseline == "restart":
         raise click.UsageError("--baseline restart relaunches on a rank's exit; a hung rank does not exit")
+    attention = nproc - expert_ranks
+    victim_kind, left = ("attention", attention - 1) if fail_ranks[0] < attention else ("expert", expert_ranks - 1)
+    if not 0 <= expert_ranks < nproc or (left < 1 and (expert_ranks or victim_kind == "attention")):
+        raise click.UsageError(f"--expert-ranks {expert_ranks} of --nproc {nproc}: no {victim_kind} rank would "
+                               f"outlive rank {fail_ranks[0]}")
     load = Load(requests=requests, rate=rate, prompt_tokens=tuple(prompt_tokens), new_tokens=new_tokens)
     recoveries = ("checkpoint", "recompute") + (("restart",) if baseline == "restart" else ())
     result = serving_drill(nproc, load, fail_rank=fail_ranks[0], fail_after=fail_at, hang=hang, recoveries=recoveries,
-                           echo=click.echo)
+                           expert_ranks=expert_ranks, echo=click.echo)
     ms = lambda v: "n/a" if v is None else f"{v * 1e3:.0f} ms"  # noqa: E731
     free = result["free"]
     click.echo(f"failure-free: TTFT p50 {ms(free['ttft_p50_s'])}, ITL p50 {ms(free['itl_p50_s'])}, "
@@ -216,11 +228,7 @@ def _serving_drill(nproc, fail_ranks, hang, baseline, json_path, plot_path, requ
                    f"{ms(r['itl_window_p99_s'])} (before {ms(r['itl_p99_s'])}), recomputed per request "
                    f"{r['recomputed_per_request']}, 95% throughput after {'never' if back is None else f'{back:.1f} s'}"
                    f", tokens equal to failure-free: {r['tokens_equal']}, mismatches {len(r['mismatches'])}")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-    if plot_path:
-        plot(result, plot_path)
+    _save(result, json_path, plot_path, plot)
 
 
 if __name__ == "__main__":

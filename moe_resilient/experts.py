@@ -87,10 +87,11 @@ class SlotExperts(nn.Module):
 
     @torch.no_grad()
     def keep(self, held: range) -> None:
-        """Keep only the rows of ``held`` (a contiguous range of the slots held now) and free the rest."""
-        if held.step != 1 or not (held.start in self.held and held.stop - 1 in self.held):
+        """Keep only the rows of ``held`` (a contiguous range of the slots held now, or an empty one)
+        and free the rest."""
+        if held.step != 1 or (len(held) and not (held.start in self.held and held.stop - 1 in self.held)):
             raise ValueError(f"cannot keep slots {held}: this storage holds {self.held}")
-        a, b = self.row(held.start), self.row(held.stop - 1) + 1
+        a, b = (self.row(held.start), self.row(held.stop - 1) + 1) if len(held) else (0, 0)
         for name in ("w13", "w2"):
             old = getattr(self, name)
             new = torch.empty_like(old[a:b])

@@ -44,14 +44,16 @@ def _looks_like_moe_block(module: nn.Module) -> bool:
 
 
 def swap_moe_blocks(model: nn.Module, *, num_slots: int | None = None, world_size: int = 1,
-                    num_replicas: int | None = None) -> list[str]:
+                    num_replicas: int | None = None, expert_ranks=None) -> list[str]:
     """Replace every supported MoE block of ``model`` in place with an equivalent ResilientMoE.
 
     ``num_slots`` per layer (default: one per expert) leaves room for replicas and spares. Over
     ``world_size`` ranks (expert parallelism) with num_slots a multiple of it, slots are numbered rank
     by rank and ``num_replicas`` of them (default: all) hold experts: each expert once, then replicas
     on other ranks, so that losing a rank leaves as many experts covered as the slots allow; the rest
-    are spare, spread over the ranks.
+    are spare, spread over the ranks. ``expert_ranks`` (default: all): the ranks that hold slots, the
+    others none (attention workers of disaggregated serving); num_slots is then a multiple of their
+    number.
     Returns the qualified names of the replaced modules. Raises UnsupportedMoEBlockError, naming
     the class, for a block that has experts and a router but is not supported (nothing is swapped
     then: the check runs over the whole model first).
@@ -72,12 +74,12 @@ def swap_moe_blocks(model: nn.Module, *, num_slots: int | None = None, world_siz
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, from_hf_block(block, model_config, num_slots=num_slots, world_size=world_size,
-                                            num_replicas=num_replicas))
+                                            num_replicas=num_replicas, expert_ranks=expert_ranks))
     return [name for name, _ in targets]
 
 
 def from_hf_block(block: nn.Module, model_config=None, *, num_slots=None, world_size: int = 1,
-                  num_replicas: int | None = None) -> ResilientMoE:
+                  num_replicas: int | None = None, expert_ranks=None) -> ResilientMoE:
     """Build a ResilientMoE equal to one Hugging Face MoE block (weights copied)."""
     cls = type(block).__name__
     w13, w2 = _hf_expert_weights(block)
@@ -124,12 +126,18 @@ def from_hf_block(block: nn.Module, model_config=None, *, num_slots=None, world_
         **kwargs,
     )
     phy2log = slot_rank = None
-    if world_size > 1 and config.num_slots % world_size == 0:  # replicas on distinct ranks, every slot used
+    holders = sorted(set(expert_ranks)) if expert_ranks is not None else list(range(world_size))
+    if not holders or holders[0] < 0 or holders[-1] >= world_size:
+        raise ValueError(f"expert_ranks {expert_ranks} must be ranks of 0..{world_size - 1}")
+    n = len(holders)
+    if n < world_size and config.num_slots % n:
+        raise ValueError(f"{config.num_slots} slots do not divide over the {n} expert ranks {holders}")
+    if world_size > 1 and config.num_slots % n == 0:  # replicas on distinct ranks, every slot used
         from moe_resilient import planner
 
-        plan, slot_rank = planner.initial_placement(np.ones(E), planner.Topology(world_size, world_size),
-                                                    config.num_slots // world_size, num_replicas)
-        phy2log = plan.phy2log
+        plan, local = planner.initial_placement(np.ones(E), planner.Topology(n, n), config.num_slots // n,
+                                                num_replicas)
+        phy2log, slot_rank = plan.phy2log, np.asarray(holders)[local]
     layer = ResilientMoE(config, phy2log=phy2log, slot_rank=slot_rank, dtype=w13.dtype, device=w13.device)
     with torch.no_grad():
         layer.gate.weight.copy_(router_weight)

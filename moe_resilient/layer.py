@@ -256,11 +256,14 @@ class ResilientMoE(nn.Module):
 
     # ----------------------------------------------------------------------------------- sharding
     def owned_slots(self, rank: int) -> range:
-        """The slots ``rank`` owns (``placement.slot_rank``); ValueError unless they are one non-empty
-        contiguous block, as ``planner.initial_placement`` numbers them."""
+        """The slots ``rank`` owns (``placement.slot_rank``): one contiguous block, as
+        ``planner.initial_placement`` numbers them (else ValueError), or none (``range(0)``: a rank
+        that runs no expert, such as an attention worker of disaggregated serving)."""
+        if not 0 <= rank < self.placement.world_size:
+            raise ValueError(f"rank {rank} is outside this layer's world_size {self.placement.world_size}")
         owned = torch.nonzero(self.placement.slot_rank == rank).flatten().tolist()
         if not owned:
-            raise ValueError(f"rank {rank} owns no slot of this layer (world_size {self.placement.world_size})")
+            return range(0)
         if owned != list(range(owned[0], owned[-1] + 1)):
             raise ValueError(f"rank {rank}'s slots {owned} are not one contiguous block; number slots rank by rank")
         return range(owned[0], owned[-1] + 1)

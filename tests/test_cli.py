@@ -72,6 +72,11 @@ def test_drill_writes_json_and_plot(tmp_path):
     (["--fail-rank", "0,1,2,3"], "at least one of the 4 ranks must survive"),
     (["--fail-host", "0"], "--fail-host needs --ranks-per-host dividing --nproc 4"),
     (["--fail-host", "2", "--ranks-per-host", "2"], r"--fail-host 2: hosts are 0..1"),
+    (["--serving", "--fail-rank", "1,2"], r"--serving fails one rank of 0..3"),
+    (["--serving", "--prompt-tokens", "9,3"], "--prompt-tokens takes LOW,HIGH"),
+    (["--serving", "--hang", "--baseline", "restart"], "a hung rank does not exit"),
+    (["--serving", "--expert-ranks", "1", "--fail-rank", "3"], "no expert rank would outlive rank 3"),
+    (["--serving", "--expert-ranks", "3", "--fail-rank", "0"], "no attention rank would outlive rank 0"),
 ])
 def test_drill_refuses_bad_arguments_at_once(args, message):
     proc = subprocess.run([sys.executable, "-m", "moe_resilient.cli", "drill", *args], capture_output=True, text=True,

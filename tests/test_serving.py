@@ -242,3 +242,38 @@ def test_serve_streams_through_the_death_of_rank_0(tiny, tmp_path):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_disaggregated_placement_gives_attention_ranks_no_expert(tiny):
+    checkpoint = tiny[0]
+    model = models.load(checkpoint, 4, expert_ranks=[2, 3])
+    layer = next(m for m in model.modules() if hasattr(m, "owned_slots"))
+    assert set(layer.placement.slot_rank.tolist()) == {2, 3}
+    assert sorted(layer.placement.phy2log[:16].tolist()) == list(range(16))  # each expert rank holds all 16
+    assert layer.owned_slots(0) == range(0) and len(layer.owned_slots(3)) == 16
+    layer.shard(1)
+    assert layer.experts.w13.shape[0] == 0 and layer.experts.w2.shape[0] == 0
+    with pytest.raises(ValueError, match="expert_ranks"):
+        swap_moe_blocks(hf_model("qwen"), num_slots=16, world_size=4, expert_ranks=[4])
+    with pytest.raises(ValueError, match="do not divide over the 3 expert ranks"):
+        swap_moe_blocks(hf_model("qwen"), num_slots=16, world_size=4, expert_ranks=[1, 2, 3])
+
+
+@pytest.mark.parametrize("victim", [1, 3], ids=["attention-worker", "expert-worker"])
+def test_disaggregated_worker_killed_mid_stream(tiny, tmp_path, victim):
+    """Ranks 0-1 run attention, 2-3 experts. An attention worker killed: its requests are taken over
+    by the other; an expert worker killed: the experts are served from the other's replicas. Either
+    way every token equals the single-process engine's."""
+    checkpoint, ps, want = tiny
+    with ServingCluster(checkpoint, W, str(tmp_path), block_tokens=8, expert_ranks=2,
+                        log_dir=str(tmp_path / "logs")) as cluster:
+        streams = _submit_all(cluster, ps)
+        _wait_for(lambda: len(streams[1].tokens) >= random.Random(victim).randrange(2, NEW - 8))
+        cluster.kill(victim, signal.SIGKILL)
+        got = [s.wait(60) for s in streams]
+        adoptions, mismatches = list(cluster.adoptions), list(cluster.mismatches)
+    assert got == want and mismatches == []
+    if victim == 1:
+        assert adoptions and {(a["from"], a["by"]) for a in adoptions} == {(1, 0)}
+    else:
+        assert adoptions == []

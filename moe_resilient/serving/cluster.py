@@ -93,22 +93,26 @@ class Stream:
 
 
 class ServingCluster:
-    """``nproc`` collocated ranks serving ``model`` (an HF checkpoint directory or ``tiny-qwen3-moe``).
+    """``nproc`` ranks serving ``model`` (an HF checkpoint directory or ``tiny-qwen3-moe``): collocated,
+    or with ``expert_ranks`` K disaggregated (the last K ranks run experts only, the others attention).
     ``restore``: "checkpoint" (per-request KV checkpoints; a lost rank's requests recompute only past
     them) or "recompute" (they re-prefill everything). ``recovery``: "repair" (survivors go on) or
     "restart" (relaunch the job)."""
 
     def __init__(self, model: str, nproc: int, work_dir: str, *, block_tokens: int = 16, restore: str = "checkpoint",
-                 recovery: str = "repair", max_step_tokens: int = 128, log_dir: str | None = None,
-                 env: dict | None = None):
+                 recovery: str = "repair", max_step_tokens: int = 128, expert_ranks: int = 0,
+                 log_dir: str | None = None, env: dict | None = None):
         if restore not in ("checkpoint", "recompute"):
             raise ValueError(f"restore {restore!r}: use 'checkpoint' or 'recompute'")
         if recovery not in ("repair", "restart"):
             raise ValueError(f"recovery {recovery!r}: use 'repair' or 'restart'")
+        if not 0 <= expert_ranks < nproc:
+            raise ValueError(f"expert_ranks {expert_ranks}: at least one of the {nproc} ranks must run attention")
         self.nproc, self.work_dir, self.recovery = nproc, work_dir, recovery
+        self.attention = list(range(nproc - expert_ranks))
         self.checkpoint = models.materialize(model, work_dir)
         self.args = ["--block-tokens", str(block_tokens), "--restore", restore, "--max-step-tokens",
-                     str(max_step_tokens)]
+                     str(max_step_tokens), "--expert-ranks", str(expert_ranks)]
         self.log_dir, self.env = log_dir, dict(env or {})
         self.streams: dict[str, Stream] = {}
         self.specs: list[dict] = []  # every request submitted, in order
@@ -183,6 +187,10 @@ class ServingCluster:
         self.store.set(f"serve/req/{self._count}", json.dumps(spec))
         self._count += 1
         self.store.add("serve/count", 1)  # after the spec: a rank reads only requests below the count
+
+    def home(self, n: int) -> int:
+        """The rank request n (the n-th submitted) starts on."""
+        return self.attention[n % len(self.attention)]
 
     @property
     def pids(self) -> dict[int, int]:

@@ -56,14 +56,16 @@ class Load:
 def run_load(cluster: ServingCluster, load: Load, *, fail_rank: int | None = None, fail_after: float = 0.0,
              hang: bool = False, timeout: float = 120.0) -> dict:
     """Submit ``load``; SIGKILL (``hang``: SIGSTOP) ``fail_rank`` mid-stream: at the first moment from
-    ``fail_after`` seconds in when a request it runs is decoding (two tokens streamed, not finished). Waits for
+    ``fail_after`` seconds in when a request it runs (an expert worker: any request) is decoding (two
+    tokens streamed, not finished). Waits for
     every stream to finish; returns the raw record (``measure`` turns it into metrics)."""
     arrivals = load.arrivals()
     streams, start = [], time.time()
     fail, submitted = {}, threading.Event()
 
-    def mid_stream() -> bool:  # request n starts on rank n % nproc
-        return any(len(s.tokens) >= 2 and not s.finished for s in streams[fail_rank::cluster.nproc])
+    def mid_stream() -> bool:  # an expert worker runs every request's experts
+        mine = [s for n, s in enumerate(streams) if fail_rank not in cluster.attention or cluster.home(n) == fail_rank]
+        return any(len(s.tokens) >= 2 and not s.finished for s in mine)
 
     def failer():
         time.sleep(max(0.0, start + fail_after - time.time()))
@@ -144,7 +146,8 @@ def measure(record: dict, baseline: dict | None = None, window_s: float = 1.0) -
 
 def serving_drill(nproc: int = 4, load: Load = Load(), *, fail_rank: int = 2, fail_after: float = 2.0,
                   hang: bool = False, recoveries=("checkpoint", "recompute", "restart"), block_tokens: int = 16,
-                  model: str = "tiny-qwen3-moe", work_dir: str | None = None, echo=None) -> dict:
+                  model: str = "tiny-qwen3-moe", expert_ranks: int = 0, work_dir: str | None = None,
+                  echo=None) -> dict:
     """The same load on fresh clusters: failure-free, then once per recovery in ``recoveries``.
     Returns {"load", "free", recovery: metrics}; every run's tokens are checked against the failure-free
     run's (``tokens_equal``)."""
@@ -154,12 +157,12 @@ def serving_drill(nproc: int = 4, load: Load = Load(), *, fail_rank: int = 2, fa
         runs[name] = {"checkpoint": ("checkpoint", "repair", fail_rank), "recompute": ("recompute", "repair", fail_rank),
                       "restart": ("recompute", "restart", fail_rank)}[name]
     records, out = {}, {"load": load.__dict__, "nproc": nproc, "fail_rank": fail_rank, "hang": hang,
-                        "block_tokens": block_tokens}
+                        "block_tokens": block_tokens, "expert_ranks": expert_ranks}
     for name, (restore, recovery, victim) in runs.items():
         if echo:
             echo(f"run: {name}")
         with ServingCluster(model, nproc, work_dir, block_tokens=block_tokens, restore=restore,
-                            recovery=recovery) as cluster:
+                            recovery=recovery, expert_ranks=expert_ranks) as cluster:
             records[name] = run_load(cluster, load, fail_rank=victim, fail_after=fail_after, hang=hang)
         out[name] = measure(records[name], records.get("free"))
         out[name]["tokens_equal"] = [r["tokens"] for r in records[name]["requests"]] == \

@@ -46,16 +46,19 @@ def model_id(checkpoint: str) -> str:
     return f"{os.path.basename(os.path.normpath(checkpoint))}@{h.hexdigest()[:16]}"
 
 
-def load(checkpoint: str, world_size: int = 1, slots_per_rank: int | None = None) -> torch.nn.Module:
-    """``from_pretrained`` then every MoE block swapped, slots numbered rank by rank (default: room for
-    every expert once and half as many replicas)."""
+def load(checkpoint: str, world_size: int = 1, slots_per_rank: int | None = None, expert_ranks=None
+         ) -> torch.nn.Module:
+    """``from_pretrained`` then every MoE block swapped, slots numbered rank by rank over
+    ``expert_ranks`` (default: every rank). Default slots per expert rank: room for every expert once
+    and half as many replicas, and for every expert on the others once one of them is lost."""
     import transformers
 
     from moe_resilient.hf import swap_moe_blocks
 
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     experts = getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts")
+    holders = len(expert_ranks) if expert_ranks is not None else world_size
     if slots_per_rank is None:
-        slots_per_rank = -(-(experts * 3 // 2) // world_size)
-    swap_moe_blocks(model, num_slots=slots_per_rank * world_size, world_size=world_size)
+        slots_per_rank = max(-(-(experts * 3 // 2) // holders), -(-experts // max(1, holders - 1)))
+    swap_moe_blocks(model, num_slots=slots_per_rank * holders, world_size=world_size, expert_ranks=expert_ranks)
     return model

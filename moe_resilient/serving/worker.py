@@ -2,11 +2,16 @@
 (each rank runs its own requests through its own paged cache), MoE layers expert-parallel over the
 ranks. Every rank steps in lockstep, idle or not, because every MoE layer's forward is a collective.
 
+Disaggregated (``--expert-ranks K``): the last K ranks are expert workers. They hold every expert
+slot and no request, and each step only serve their experts to the others; the first W - K are
+attention workers, holding no expert. Losing an expert worker is repaired from replicas and the
+shadow (``StepRunner``); losing an attention worker, by taking its requests over.
+
 Requests come through the job's store: the front door writes ``serve/req/{n}`` then bumps
-``serve/count``. Request n belongs to rank ``n % W`` while it lives; once the group has agreed a rank
-away, each of its requests belongs to survivor ``n % len(members)`` of the members. Every rank
-computes the same owners from the same membership, so a lost rank's requests are each taken over
-exactly once.
+``serve/count``. Request n belongs to attention rank ``n % A`` while it lives; once the group has
+agreed a rank away, each of its requests belongs to live attention rank ``n % len(live)``. Every
+rank computes the same owners from the same membership, so a lost rank's requests are each taken
+over exactly once.
 
 Per request the owner keeps a journal (its generated tokens, appended before they are streamed) and,
 with ``--restore checkpoint``, its KV cache's whole blocks (``KVCheckpointer``, on a writer thread).
@@ -18,6 +23,7 @@ re-prefills the prompt and every generated token instead, as vLLM and Dynamo do.
 fails its checks is refused and the request recomputed.
 
     python -m moe_resilient.serving.worker CHECKPOINT WORK_DIR [--block-tokens 16] [--restore checkpoint]
+                                           [--expert-ranks 0]
 """
 
 from __future__ import annotations
@@ -41,10 +47,16 @@ EVENTS_ENV = "MOE_RESILIENT_SERVE_EVENTS"
 POLL_STOP_EVERY = 16  # steps between the members' agreement on stopping
 
 
-def owner(n: int, world_size: int, members: tuple[int, ...]) -> int:
-    """The rank that runs request n under ``members``."""
-    home = n % world_size
-    return home if home in members else members[n % len(members)]
+def owner(n: int, attention: tuple[int, ...], members: tuple[int, ...]) -> int:
+    """The rank that runs request n under ``members``: its home among the ``attention`` ranks while it
+    lives, else one of the live attention ranks."""
+    home = attention[n % len(attention)]
+    if home in members:
+        return home
+    live = [r for r in attention if r in members]
+    if not live:
+        raise RuntimeError("every attention rank is lost: no rank can run requests")
+    return live[n % len(live)]
 
 
 class Journal:
@@ -77,14 +89,18 @@ class Journal:
 
 class Worker:
     def __init__(self, checkpoint: str, work_dir: str, *, block_tokens: int, restore: str, num_blocks: int,
-                 max_step_tokens: int):
+                 max_step_tokens: int, expert_ranks: int = 0):
         self.group = ElasticGroup.from_env()
         self.rank, self.world_size = self.group.rank, self.group.world_size
-        self.model = models.load(checkpoint, self.group.world_size)
+        if not 0 <= expert_ranks < self.world_size:
+            raise ValueError(f"--expert-ranks {expert_ranks}: between 0 and {self.world_size - 1}")
+        self.attention = tuple(range(self.world_size - expert_ranks))
+        holders = list(range(self.world_size - expert_ranks, self.world_size)) if expert_ranks else None
+        self.model = models.load(checkpoint, self.group.world_size, expert_ranks=holders)
         self.layers = list(resilient_layers(self.model).values())
         parallelize(self.model, self.group)
         self.engine = Engine(self.model, num_blocks=num_blocks, block_tokens=block_tokens,
-                             max_step_tokens=max_step_tokens)
+                             max_step_tokens=max_step_tokens) if self.rank in self.attention else None
         self.restore_mode = restore
         self.journal = Journal(os.path.join(work_dir, "journal"))
         self.ckpt = KVCheckpointer(os.path.join(work_dir, "kv"), model_id=models.model_id(checkpoint),
@@ -107,16 +123,16 @@ class Worker:
     def poll_requests(self) -> None:
         count = int(self.group.store.add("serve/count", 0))
         for n in range(self.seen, count):
-            if owner(n, self.world_size, self.group.members) == self.rank:
+            if owner(n, self.attention, self.group.members) == self.rank:
                 self.engine.submit(self._spec(n))
         self.seen = max(self.seen, count)
 
     def take_over(self, before: tuple[int, ...]) -> None:
         """Run every request the lost ranks owned that now falls to this rank."""
         for n in range(self.seen):
-            if owner(n, self.world_size, before) != self.rank and \
-                    owner(n, self.world_size, self.group.members) == self.rank:
-                self._adopt(self._spec(n), owner(n, self.world_size, before))
+            if owner(n, self.attention, before) != self.rank and \
+                    owner(n, self.attention, self.group.members) == self.rank:
+                self._adopt(self._spec(n), owner(n, self.attention, before))
 
     def _adopt(self, r: Request, lost: int) -> None:
         t0 = time.time()
@@ -170,10 +186,12 @@ class Worker:
         self.send({"ready": self.rank, "pid": os.getpid()})
         stop = False
         while not stop:
-            self.poll_requests()
-            plan = self.engine.schedule()
-            if not plan:
-                time.sleep(0.001)  # an idle rank leaves the cores to the busy ones
+            plan = []
+            if self.engine is not None:
+                self.poll_requests()
+                plan = self.engine.schedule()
+                if not plan:
+                    time.sleep(0.001)  # an idle rank leaves the cores to the busy ones
             members = self.group.members
             logits, stop = runner(self._step, plan, self.steps % POLL_STOP_EVERY == 0)
             self.steps += 1
@@ -190,10 +208,11 @@ class Worker:
                     self.journal.close(e.request_id)
                     if self.restore_mode == "checkpoint":
                         self.ckpt.discard(e.request_id)
-            if self.restore_mode == "checkpoint":
-                self._checkpoint()
-            if self.group.members != members:
-                self.take_over(members)
+            if self.engine is not None:
+                if self.restore_mode == "checkpoint":
+                    self._checkpoint()
+                if self.group.members != members:
+                    self.take_over(members)
         self.ckpt.flush()
         self.group.finish()
 
@@ -206,10 +225,11 @@ def main() -> None:
     parser.add_argument("--restore", choices=["checkpoint", "recompute"], default="checkpoint")
     parser.add_argument("--num-blocks", type=int, default=1024)
     parser.add_argument("--max-step-tokens", type=int, default=128)
+    parser.add_argument("--expert-ranks", type=int, default=0, help="the last N ranks serve experts only")
     a = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     Worker(a.checkpoint, a.work_dir, block_tokens=a.block_tokens, restore=a.restore, num_blocks=a.num_blocks,
-           max_step_tokens=a.max_step_tokens).serve()
+           max_step_tokens=a.max_step_tokens, expert_ranks=a.expert_ranks).serve()
 
 
 if __name__ == "__main__":
