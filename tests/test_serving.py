@@ -177,7 +177,8 @@ def test_corrupted_checkpoint_is_refused_and_the_request_recomputed(tiny, tmp_pa
     assert files
     assert got == want
     refused = [a for a in adoptions if a["refused"]]
-    assert refused and all("checksum" in a["refused"] and a["covered"] == 0 for a in refused), adoptions
+    assert any("checksum" in a["refused"] for a in refused), adoptions
+    assert all(a["refused"] and a["covered"] == 0 for a in adoptions), adoptions  # none restored from a checkpoint
 
 
 def _free_port() -> int:
