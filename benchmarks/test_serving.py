@@ -66,5 +66,6 @@ def test_serving_drill(benchmark, prompt_tokens):
                                                                                     "restart"))
     assert ckpt["recomputed_per_request"] and max(ckpt["recomputed_per_request"]) <= 2 * 16
     assert ckpt["stall_s"] <= 0.150
+    assert ckpt["itl_window_p99_s"] <= 2 * ckpt["itl_p99_s"]
     assert restart["stall_s"] >= 100 * ckpt["stall_s"]
     assert ckpt["stall_s"] < recompute["stall_s"]

@@ -131,7 +131,7 @@ def serve(model, nproc, host, port, work_dir, block_tokens, restore, expert_rank
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="PNG: step latency around the failure, throughput over the run")
 @click.option("--compile/--eager", "compile_", default=True, show_default=True,
-              help="serve through compiled stages and count recompiles")
+              help="serve through compiled graphs and count recompiles")
 @click.option("--layers", default=4, show_default=True, help="MoE blocks")
 @click.option("--hidden", default=512, show_default=True, help="hidden size (experts' intermediate size: 2x)")
 @click.option("--experts", default=16, show_default=True, help="experts per block")

@@ -9,8 +9,10 @@ owns (``slot_rank[s] == rank``; slots must be numbered rank by rank). A step:
 
 Dead ranks own no live slot, so they are sent nothing. A collective that meets a dead or hung rank
 raises RankFailure (the group has already agreed and moved on); the caller runs
-``elastic.recover_across_ranks`` and re-runs the step. The all-to-alls are differentiable: the backward of a
-dispatch is the reverse all-to-all, so the layer trains under expert parallelism too.
+``elastic.recover_across_ranks`` and re-runs the step. The exchanges are custom ops
+(``moe_resilient::ep_exchange_counts``, ``moe_resilient::ep_all_to_all``) with fake kernels, so under
+``compiled=True`` the whole forward, exchanges included, is one graph. They are differentiable: the
+backward of a dispatch is the reverse all-to-all, so the layer trains under expert parallelism too.
 """
 
 from __future__ import annotations
@@ -22,15 +24,44 @@ from moe_resilient.layer import ResilientMoE
 from moe_resilient.ops import combine
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, send_counts, recv_counts):
-        ctx.group, ctx.send_counts, ctx.recv_counts = group, send_counts, recv_counts
-        return group.all_to_all(x, send_counts, recv_counts)
+# The group the exchange ops run on: set by ep_forward before each forward, so a compiled graph names
+# no group (a graph compiled on a Loopback serves the real group, and every membership, unchanged).
+_group: ElasticGroup | Loopback | None = None
 
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.group.all_to_all(grad.contiguous(), ctx.recv_counts, ctx.send_counts), None, None, None
+
+@torch.library.custom_op("moe_resilient::ep_exchange_counts", mutates_args=())
+def exchange_counts(send_counts: torch.Tensor) -> torch.Tensor:
+    """send_counts [W] -> recv_counts [W] over the current expert-parallel group."""
+    return _group.exchange_counts(send_counts).clone()
+
+
+@exchange_counts.register_fake
+def _(send_counts):
+    return torch.empty_like(send_counts)
+
+
+@torch.library.custom_op("moe_resilient::ep_all_to_all", mutates_args=())
+def all_to_all(send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
+    """send [sum(send_counts), ...] rows grouped by destination -> rows received, grouped by source
+    [sum(recv_counts), ...], over the current expert-parallel group. Its backward is the reverse
+    exchange."""
+    return _group.all_to_all(send.contiguous(), send_counts, recv_counts)
+
+
+@all_to_all.register_fake
+def _(send, send_counts, recv_counts):
+    return send.new_empty(torch.library.get_ctx().new_dynamic_size(), *send.shape[1:])
+
+
+def _setup(ctx, inputs, output):
+    ctx.send_counts, ctx.recv_counts = inputs[1], inputs[2]
+
+
+def _backward(ctx, grad):
+    return all_to_all(grad, ctx.recv_counts, ctx.send_counts), None, None
+
+
+all_to_all.register_autograd(_backward, setup_context=_setup)
 
 
 class Loopback:
@@ -77,54 +108,55 @@ def _combine(layer: ResilientMoE, x, topk_weights, slot_ids, sent, y_back) -> to
     return layer.add_shared_expert(x, combine(topk_weights, slot_ids, y))
 
 
-_STAGES = (_plan_dispatch, _local_experts, _combine)
-_compiled_stages: tuple | None = None
+def _ep_forward(layer: ResilientMoE, x: torch.Tensor, world_size: int):
+    """x [T, H] -> (out [T, H], router_logits [T, E]): one graph under torch.compile, the exchanges
+    inside it as custom ops whose row counts are unbacked sizes."""
+    logits, topk_weights, slot_ids, order, offsets, send_counts = _plan_dispatch(layer, x, world_size)
+    K = slot_ids.shape[1]
+    n = offsets[-1].item()
+    torch._check(n >= 0)
+    torch._check(n <= order.shape[0])
+    sent = order[:n]  # (token, k) pairs grouped by slot, hence by destination rank
+    recv_counts = exchange_counts(send_counts)
+    recv_x = all_to_all(x[sent // K], send_counts, recv_counts)
+    recv_slots = all_to_all(slot_ids.flatten()[sent], send_counts, recv_counts)
+    torch._check(recv_slots.shape[0] == recv_x.shape[0])
+    y_back = all_to_all(_local_experts(layer, recv_x, recv_slots), recv_counts, send_counts)
+    torch._check(y_back.shape[0] == n)
+    return _combine(layer, x, topk_weights, slot_ids, sent, y_back), logits
 
 
-def compiled_stages() -> tuple:
-    """The three compute stages of ep_forward under torch.compile, built once per process and shared by
-    every layer (modules are graph inputs, not constants). Row counts are unbacked symbols (see
-    ``_rows``), so a batch of another size, a makeup batch or a new membership compiles nothing;
-    placement tensors are read at run time, so recover() compiles nothing either."""
-    global _compiled_stages
-    if _compiled_stages is None:
-        _compiled_stages = tuple(torch.compile(f, fullgraph=True) for f in _STAGES)
-    return _compiled_stages
+_compiled: object | None = None
 
 
-def _rows(*tensors: torch.Tensor) -> None:
-    """Mark dim 0 (a row count that changes every step) dynamic before a compiled stage sees it.
-    Unbacked, not merely dynamic: a dynamic size is still specialised at 0 and 1, and duck-shaped
-    into a weight dimension that happens to be equal; either would recompile later."""
-    for t in tensors:
-        torch._dynamo.decorators.mark_unbacked(t, 0)
+def compiled_forward():
+    """``_ep_forward`` under torch.compile (fullgraph), built once per process and shared by every
+    layer (modules are graph inputs, not constants). The batch size and every row count are unbacked
+    symbols, so another batch size, a new membership or a placement change compiles nothing."""
+    global _compiled
+    if _compiled is None:
+        torch._dynamo.config.capture_scalar_outputs = True  # the row count read back inside the graph
+        _compiled = torch.compile(_ep_forward, fullgraph=True)
+    return _compiled
 
 
 def ep_forward(layer: ResilientMoE, hidden_states: torch.Tensor, group: ElasticGroup | Loopback, *,
                compiled: bool = False, return_router_logits: bool = False):
     """hidden_states [..., H] of this rank's tokens -> [..., H] (and router_logits [T, E] with
-    ``return_router_logits``). Raises RankFailure on a lost peer. ``compiled`` runs the compute between
-    the collectives as compiled graphs (``compiled_stages``)."""
+    ``return_router_logits``). Raises RankFailure on a lost peer. ``compiled`` runs the whole forward,
+    exchanges included, as one compiled graph (``compiled_forward``)."""
+    global _group
     c, p = layer.config, layer.placement
     if p.world_size != group.world_size:
         raise ValueError(f"layer placement has world_size {p.world_size}, the group {group.world_size}")
-    plan_dispatch, local_experts, combine_back = compiled_stages() if compiled else _STAGES
     x = hidden_states.reshape(-1, c.hidden_size)
+    _group = group
     if compiled:
-        _rows(x)
-    logits, topk_weights, slot_ids, order, offsets, send_counts = plan_dispatch(layer, x, group.world_size)
-    K = slot_ids.shape[1]
-    sent = order[: int(offsets[-1])]  # (token, k) pairs grouped by slot, hence by destination rank
-    send_slots = slot_ids.flatten()[sent]
-
-    recv_counts = group.exchange_counts(send_counts)
-    recv_x = _AllToAll.apply(x[sent // K], group, send_counts, recv_counts)
-    recv_slots = group.all_to_all(send_slots, send_counts, recv_counts)
-    if compiled:
-        _rows(recv_x, recv_slots)
-    y_recv = local_experts(layer, recv_x, recv_slots)
-    y_back = _AllToAll.apply(y_recv, group, recv_counts, send_counts)
-    if compiled:
-        _rows(topk_weights, slot_ids, order, sent, y_back)  # order: sent is a view of it
-    out = combine_back(layer, x, topk_weights, slot_ids, sent, y_back).reshape(hidden_states.shape)
+        # unbacked, not merely dynamic: a dynamic size is still specialised at 0 and 1, and
+        # duck-shaped into a weight dimension that happens to be equal; either would recompile later
+        torch._dynamo.decorators.mark_unbacked(x, 0)
+        out, logits = compiled_forward()(layer, x, group.world_size)
+    else:
+        out, logits = _ep_forward(layer, x, group.world_size)
+    out = out.reshape(hidden_states.shape)
     return (out, logits) if return_router_logits else out

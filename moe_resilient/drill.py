@@ -178,7 +178,7 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_ranks=(2,), fail_steps=(100
               hidden: int = 512, experts: int = 16) -> dict:
     """Serve, fail ranks (each of ``fail_ranks`` once its step count reaches its ``fail_steps``, or
     every rank of ``fail_host``), keep serving; returns the measurements (see README), timed from the
-    first fault. ``compile``: the ranks serve through compiled stages and the drill counts their
+    first fault. ``compile``: the ranks serve through compiled graphs and the drill counts their
     recompiles. The model: ``layers`` MoE blocks of ``experts`` experts, hidden size ``hidden``, each
     rank holding only its own slots. Bad arguments raise ValueError before anything starts."""
     import tempfile

@@ -228,7 +228,7 @@ def worker_args(argv=None):
     ap.add_argument("--restart", action="store_true")
     ap.add_argument("--stop-file", help="serve until the step this file names (written by the orchestrator)")
     ap.add_argument("--alone-of", type=int, default=0, help="restart baseline: rank of a W-rank job, alone")
-    ap.add_argument("--compile", action="store_true", help="compiled compute stages (dispatch.compiled_stages)")
+    ap.add_argument("--compile", action="store_true", help="each layer one compiled graph (dispatch.compiled_forward)")
     ap.add_argument("--until-full", action="store_true", help="keep serving until every rank is back")
     ap.add_argument("--max-extra-steps", type=int, default=3000)
     ap.add_argument("--after-full", type=int, default=5, help="steps served once every rank is back")

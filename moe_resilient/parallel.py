@@ -22,9 +22,9 @@ from moe_resilient.shadow import resilient_layers
 
 def parallelize(model: nn.Module, group: ElasticGroup, *, compiled: bool = False) -> dict[str, ResilientMoE]:
     """Shard every ResilientMoE layer of ``model`` to ``group.rank``'s slots and route its forward
-    through ``group``. ``compiled``: the compute between the collectives runs as compiled graphs
-    (``dispatch.compiled_stages``: no recompile on a batch size, membership or placement change),
-    compiled here on synthetic rows; call it before ``group.start()``, so that no peer waits out a
+    through ``group``. ``compiled``: each layer's forward, exchanges included, runs as one compiled
+    graph (``dispatch.compiled_forward``: no recompile on a batch size, membership or placement
+    change), compiled here on synthetic rows; call it before ``group.start()``, so that no peer waits out a
     first compile (seconds) in a collective. Every layer's placement must span ``group.world_size``
     ranks with each rank's slots contiguous. Checks every layer before it changes any; returns the
     layers by name."""
@@ -42,8 +42,8 @@ def parallelize(model: nn.Module, group: ElasticGroup, *, compiled: bool = False
         except ValueError as exc:
             raise ValueError(f"layer {name}: {exc}") from None
 
-    # Outside any enclosing torch.compile graph: the collectives are Python (a graph break anyway), and
-    # with ``compiled`` the compute between them runs as dispatch's own compiled stages.
+    # Outside any enclosing torch.compile graph: with ``compiled`` it runs as dispatch's own graph, whose
+    # unbacked row counts an enclosing graph would specialise.
     @torch.compiler.disable
     def forward(layer: ResilientMoE, x):
         return ep_forward(layer, x, group, compiled=compiled, return_router_logits=True)

@@ -87,10 +87,13 @@ def test_compiled_backward_matches_eager(compiled):
         torch.testing.assert_close(compiled_grads[n], g, rtol=1e-5, atol=1e-5, msg=n)
 
 
-def test_ep_stages_compile_once_for_every_batch_size_and_placement():
-    """The compiled compute stages of the expert-parallel forward (one set per process, shared by every
-    layer) run batches of any size, 0 and 1 included, and placement edits without recompiling."""
+def test_ep_forward_is_one_graph_for_every_batch_size_and_placement():
+    """The compiled expert-parallel forward (one graph per process, shared by every layer, the
+    exchanges inside it as custom ops) runs batches of any size, 0 and 1 included, and placement
+    edits without recompiling."""
+    from moe_resilient import dispatch
     from moe_resilient.dispatch import Loopback, ep_forward
+    from moe_resilient.recovery import compiled_graphs
 
     torch.manual_seed(1)
     cfg = MoEConfig(H, I, E, 2, num_slots=E + 4, world_size=3)
@@ -98,7 +101,14 @@ def test_ep_stages_compile_once_for_every_batch_size_and_placement():
     layers[0].add_replica(2, 9)
     group = Loopback(3)
     with torch.no_grad():
-        ep_forward(layers[0], torch.randn(16, H), group, compiled=True)  # compiles the three stages
+        dispatch._group = group
+        with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+            explained = torch._dynamo.explain(dispatch._ep_forward)(layers[0], torch.randn(16, H), 3)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained
+        ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+        assert {"moe_resilient.ep_all_to_all.default", "moe_resilient.ep_exchange_counts.default"} <= ops, ops
+        graphs = compiled_graphs()
+        ep_forward(layers[0], torch.randn(16, H), group, compiled=True)  # compiles the one graph
         with torch._dynamo.config.patch(error_on_recompile=True):
             for layer, tokens in [(layers[0], 5), (layers[1], 16), (layers[0], 1), (layers[1], 0), (layers[0], 40)]:
                 x = torch.randn(tokens, H)
@@ -107,6 +117,7 @@ def test_ep_stages_compile_once_for_every_batch_size_and_placement():
             layers[0].placement.mark_dead(2, allow_uncovered=True)
             x = torch.randn(12, H)
             torch.testing.assert_close(ep_forward(layers[0], x, group, compiled=True), layers[0](x), rtol=1e-5, atol=1e-5)
+    assert compiled_graphs() == graphs + 1
 
 
 def test_lean_compile_follows_placement_edits():
