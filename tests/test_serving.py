@@ -278,3 +278,17 @@ def test_disaggregated_worker_killed_mid_stream(tiny, tmp_path, victim):
         assert adoptions and {(a["from"], a["by"]) for a in adoptions} == {(1, 0)}
     else:
         assert adoptions == []
+
+
+def test_restart_baseline_relaunches_and_streams_each_token_once(tiny, tmp_path):
+    """The baseline the drill compares against: a rank's death relaunches every rank and recomputes the
+    unfinished requests; clients still see the single-process tokens, each once."""
+    checkpoint, ps, want = tiny
+    with ServingCluster(checkpoint, W, str(tmp_path), recovery="restart", log_dir=str(tmp_path / "logs")) as cluster:
+        streams = _submit_all(cluster, ps[:4])
+        _wait_for(lambda: len(streams[2].tokens) >= 10)
+        cluster.kill(2, signal.SIGKILL)
+        got = [s.wait(120) for s in streams]
+        restarts, mismatches = list(cluster.restarts), list(cluster.mismatches)
+    assert got == want[:4] and mismatches == []
+    assert len(restarts) == 1 and restarts[0][1] > restarts[0][0]
