@@ -66,7 +66,7 @@ all_to_all.register_autograd(_backward, setup_context=_setup)
 
 class Loopback:
     """A stand-in group of one for ``ep_forward``: every row "sent" comes straight back, so the local
-    slots compute every expert. For compiling the stages before a real group exists (a first compile
+    slots compute every expert. For compiling the forward before a real group exists (a first compile
     takes seconds, which every peer would otherwise spend waiting) and for running them without peers.
     ``held``: the slots a sharded layer holds; slot ids coming back are folded into them (for
     compiling only: the values are then meaningless)."""

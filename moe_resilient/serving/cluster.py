@@ -150,7 +150,8 @@ class ServingCluster:
             if any(rc != 0 for _, rc, _ in self.launcher.exits):
                 raise RuntimeError(f"a rank exited while starting: {self.launcher.exits} (logs: {self.log_dir})")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks {sorted(set(range(self.nproc)) - set(self._ready))} not ready in {timeout} s")
+                missing = sorted(set(range(self.nproc)) - set(self._ready))
+                raise TimeoutError(f"ranks {missing} not ready in {timeout} s")
             time.sleep(0.01)
 
     def close(self) -> None:
@@ -249,13 +250,11 @@ class ServingCluster:
             self.launcher.poll()
             if any(rc != 0 for _, rc, _ in self.launcher.exits):
                 seen = time.time()
-                old = self.launcher
-                old.close()
+                self.launcher.close()
                 self._launch(timeout=120)
                 with self._lock:
                     for spec in self.specs:
                         if not self.streams[spec["request_id"]].finished:
                             self._post(spec)
                 self.restarts.append((seen, time.time()))
-                del old
             time.sleep(0.005)

@@ -104,27 +104,30 @@ class Engine:
         """Queue a request; a request that could never fit the pool is refused here."""
         if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
             raise ValueError(f"request {request.request_id!r} is already queued or running")
-        need = self.cache.blocks_for(len(request.prompt) + request.max_new_tokens)
+        need = self._blocks_needed(request)
         if need > self.cache.num_blocks:
             raise ValueError(f"request {request.request_id!r} needs {need} blocks, the pool has "
                              f"{self.cache.num_blocks}")
         self.waiting.append(request)
 
+    def _blocks_needed(self, r: Request) -> int:
+        return self.cache.blocks_for(len(r.prompt) + r.max_new_tokens)
+
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_running:
             r = self.waiting[0]
-            need = self.cache.blocks_for(len(r.prompt) + r.max_new_tokens)
+            need = self._blocks_needed(r)
             if need > len(self.cache.free):
                 return
             self.waiting.popleft()
-            r.blocks = self.cache.allocate(need) if not r.blocks else r.blocks
+            r.blocks = self.cache.allocate(need)
             self.running[r.request_id] = r
 
     def restore(self, request: Request, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Run ``request`` (its ``generated`` tokens already streamed) from keys and values of its first
         positions, per layer [kv_heads, n, head_dim]: only positions n.. are recomputed."""
         r = request
-        r.blocks = self.cache.allocate(self.cache.blocks_for(len(r.prompt) + r.max_new_tokens))
+        r.blocks = self.cache.allocate(self._blocks_needed(r))
         n = keys[0].shape[1] if keys else 0
         if n:
             self.cache.write(r.blocks, 0, keys, values)

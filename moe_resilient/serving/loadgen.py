@@ -118,6 +118,7 @@ def measure(record: dict, baseline: dict | None = None, window_s: float = 1.0) -
     p = lambda xs, q: float(np.percentile(xs, q)) if len(xs) else None  # noqa: E731
     ttft = [r["times"][0] - r["submitted"] for r in record["requests"] if r["times"]]
     end = max(max(r["times"]) for r in record["requests"] if r["times"]) - record["start"]
+    rate = throughput(record, end)
     result = {
         "requests": len(record["requests"]), "tokens": sum(len(r["tokens"]) for r in record["requests"]),
         "ttft_p50_s": p(ttft, 50), "ttft_p99_s": p(ttft, 99),
@@ -128,14 +129,13 @@ def measure(record: dict, baseline: dict | None = None, window_s: float = 1.0) -
         "refused_checkpoints": [a["refused"] for a in record["adoptions"] if a["refused"]],
         "mismatches": record["mismatches"], "restarts": record["restarts"],
         "fail_time_s": None if t_fail is None else t_fail - record["start"], "duration_s": end,
-        "throughput_tok_s": throughput(record, end).tolist(),
+        "throughput_tok_s": rate.tolist(),
     }
     result["time_to_95pct_s"] = None
     if t_fail is not None and baseline is not None:
-        ours, theirs = throughput(record, end), throughput(baseline, end)
         k = 5  # 0.5 s rolling sums
-        ours = np.convolve(ours, np.ones(k), "valid")
-        theirs = np.convolve(theirs, np.ones(k), "valid")
+        ours = np.convolve(rate, np.ones(k), "valid")
+        theirs = np.convolve(throughput(baseline, end), np.ones(k), "valid")
         first = int((t_fail - record["start"]) / BIN_S)
         for i in range(first, len(ours)):  # the first 0.5 s window from the failure's bin on with 95%
             if ours[i] >= 0.95 * theirs[i]:
@@ -154,7 +154,8 @@ def serving_drill(nproc: int = 4, load: Load = Load(), *, fail_rank: int = 2, fa
     work_dir = work_dir or tempfile.mkdtemp(prefix="serving_drill_")
     runs = {"free": ("checkpoint", "repair", None)}
     for name in recoveries:
-        runs[name] = {"checkpoint": ("checkpoint", "repair", fail_rank), "recompute": ("recompute", "repair", fail_rank),
+        runs[name] = {"checkpoint": ("checkpoint", "repair", fail_rank),
+                      "recompute": ("recompute", "repair", fail_rank),
                       "restart": ("recompute", "restart", fail_rank)}[name]
     records, out = {}, {"load": load.__dict__, "nproc": nproc, "fail_rank": fail_rank, "hang": hang,
                         "block_tokens": block_tokens, "expert_ranks": expert_ranks}

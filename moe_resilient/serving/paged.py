@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_resilient.kv_checkpoint import KVLayout
+
 ATTENTION = "moe_resilient_paged"
 
 
@@ -54,14 +56,11 @@ class PagedKVCache:
     """Pools of ``num_blocks`` blocks of ``block_tokens`` positions for every layer of an HF model."""
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_tokens: int = 16):
-        cfg = model.config
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.layers, self.block_tokens, self.num_blocks = cfg.num_hidden_layers, block_tokens, num_blocks
-        dtype = next(model.parameters()).dtype
-        shape = (num_blocks * block_tokens, self.kv_heads, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(self.layers)]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(self.layers)]
+        self.layout = lay = KVLayout.of(model, block_tokens)  # what its checkpoints hold, block by block
+        self.block_tokens, self.num_blocks = block_tokens, num_blocks
+        shape, dtype = (num_blocks * block_tokens, lay.kv_heads, lay.head_dim), getattr(torch, lay.dtype)
+        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(lay.layers)]
+        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(lay.layers)]
         self.free = list(range(num_blocks - 1, -1, -1))
         self.step: StepRows | None = None
 
@@ -79,8 +78,8 @@ class PagedKVCache:
 
     def slots(self, table: list[int], start: int, stop: int) -> torch.Tensor:
         """Pool slots of positions start..stop-1 of a request with block table ``table``."""
-        pos = torch.arange(start, stop)
-        return torch.tensor(table, dtype=torch.long)[pos // self.block_tokens] * self.block_tokens + pos % self.block_tokens
+        pos, bt = torch.arange(start, stop), self.block_tokens
+        return torch.tensor(table, dtype=torch.long)[pos // bt] * bt + pos % bt
 
     def read(self, table: list[int], start: int, stop: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Keys and values of positions start..stop-1, per layer [kv_heads, stop - start, head_dim] (copies)."""

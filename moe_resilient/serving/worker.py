@@ -37,7 +37,7 @@ import time
 import torch
 
 from moe_resilient.group import ElasticGroup
-from moe_resilient.kv_checkpoint import KVCheckpointer, KVCheckpointError, KVLayout
+from moe_resilient.kv_checkpoint import KVCheckpointer, KVCheckpointError
 from moe_resilient.parallel import StepRunner, parallelize
 from moe_resilient.serving import models
 from moe_resilient.serving.engine import Engine, Request
@@ -101,10 +101,10 @@ class Worker:
         parallelize(self.model, self.group)
         self.engine = Engine(self.model, num_blocks=num_blocks, block_tokens=block_tokens,
                              max_step_tokens=max_step_tokens) if self.rank in self.attention else None
-        self.restore_mode = restore
         self.journal = Journal(os.path.join(work_dir, "journal"))
         self.ckpt = KVCheckpointer(os.path.join(work_dir, "kv"), model_id=models.model_id(checkpoint),
-                                   layout=KVLayout.of(self.model, block_tokens), background=True)
+                                   layout=self.engine.cache.layout, background=True) \
+            if self.engine is not None and restore == "checkpoint" else None
         self.shadow = ShadowStore.from_hf_checkpoint(checkpoint, model=self.model)
         host, port = os.environ[EVENTS_ENV].rsplit(":", 1)
         self.events = socket.create_connection((host, int(port)), timeout=30)
@@ -130,9 +130,9 @@ class Worker:
     def take_over(self, before: tuple[int, ...]) -> None:
         """Run every request the lost ranks owned that now falls to this rank."""
         for n in range(self.seen):
-            if owner(n, self.attention, before) != self.rank and \
-                    owner(n, self.attention, self.group.members) == self.rank:
-                self._adopt(self._spec(n), owner(n, self.attention, before))
+            lost = owner(n, self.attention, before)
+            if lost != self.rank and owner(n, self.attention, self.group.members) == self.rank:
+                self._adopt(self._spec(n), lost)
 
     def _adopt(self, r: Request, lost: int) -> None:
         t0 = time.time()
@@ -142,7 +142,7 @@ class Worker:
         if r.finished:
             return
         tokens, keys, values, refused = r.tokens, [], [], None
-        if self.restore_mode == "checkpoint":
+        if self.ckpt is not None:
             try:
                 keys, values, saved = self.ckpt.load(r.request_id)
                 if saved != tokens[: len(saved)]:
@@ -195,26 +195,31 @@ class Worker:
             members = self.group.members
             logits, stop = runner(self._step, plan, self.steps % POLL_STOP_EVERY == 0)
             self.steps += 1
-            events = self.engine.advance(plan, logits) if plan else []
-            if self.restore_mode == "checkpoint":
-                self.ckpt.flush()  # the blocks of the step before: written while this one ran
-            for e in events:
-                self.journal.append(e.request_id, [e.token])
-            if events:
-                self.send({"rank": self.rank, "tokens": [[e.request_id, e.index, e.token, e.time, e.finished]
-                                                         for e in events]})
-            for e in events:
-                if e.finished:
-                    self.journal.close(e.request_id)
-                    if self.restore_mode == "checkpoint":
-                        self.ckpt.discard(e.request_id)
             if self.engine is not None:
-                if self.restore_mode == "checkpoint":
-                    self._checkpoint()
+                self._release(plan, logits)
                 if self.group.members != members:
                     self.take_over(members)
-        self.ckpt.flush()
+        if self.ckpt is not None:
+            self.ckpt.flush()
         self.group.finish()
+
+    def _release(self, plan, logits) -> None:
+        """Stream a committed step's tokens (journaled first, once the step before's blocks are on disk),
+        then checkpoint the blocks it completed."""
+        events = self.engine.advance(plan, logits) if plan else []
+        if self.ckpt is not None:
+            self.ckpt.flush()  # the blocks of the step before: written while this one ran
+        for e in events:
+            self.journal.append(e.request_id, [e.token])
+        if events:
+            self.send({"rank": self.rank, "tokens": [[e.request_id, e.index, e.token, e.time, e.finished]
+                                                     for e in events]})
+        for e in (e for e in events if e.finished):
+            self.journal.close(e.request_id)
+            if self.ckpt is not None:
+                self.ckpt.discard(e.request_id)
+        if self.ckpt is not None:
+            self._checkpoint()
 
 
 def main() -> None:
