@@ -1,8 +1,9 @@
-"""What the fault tests share: reading the drill workers' records, waiting with a deadline, and
-checking every saved output against the single-process model."""
+"""What the fault tests share: reading the drill workers' records, waiting with a deadline, a free
+port, and checking every saved output against the single-process model."""
 
 import glob
 import os
+import socket
 import time
 
 import torch
@@ -12,6 +13,13 @@ from moe_resilient.drill import make_batch, read_records
 
 def records(out: str, rank: int) -> list[dict]:
     return read_records(os.path.join(out, f"rank{rank}.jsonl"))
+
+
+def free_port() -> int:
+    """A TCP port free on loopback just now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(pred, timeout: float, what: str, poll: float = 0.001) -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from moe_resilient.serving import models
 from moe_resilient.serving.cluster import ServingCluster
 from moe_resilient.serving.engine import Engine, Request
 from moe_resilient.serving.paged import OutOfBlocksError
+from drill_helpers import free_port, wait_for
 from parallel_worker import hf_model
 
 W, NEW = 4, 40
@@ -111,13 +111,6 @@ def _submit_all(cluster, ps):
     return [cluster.submit(p, NEW, temperature=0.7 if i % 3 == 0 else 0.0, seed=i) for i, p in enumerate(ps)]
 
 
-def _wait_for(pred, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.0005)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rank_killed_at_a_random_moment_loses_no_request(tiny, tmp_path, seed):
     """SIGKILL a rank at a seeded moment of its requests' streams (prefill or decode): every request's
@@ -129,7 +122,7 @@ def test_rank_killed_at_a_random_moment_loses_no_request(tiny, tmp_path, seed):
     with ServingCluster(checkpoint, W, str(tmp_path), block_tokens=8, log_dir=str(tmp_path / "logs")) as cluster:
         streams = _submit_all(cluster, ps)
         mine = [s for i, s in enumerate(streams) if i % W == victim]
-        _wait_for(lambda: len(mine[0].tokens) >= at)
+        wait_for(lambda: len(mine[0].tokens) >= at, 60, "the stream to reach that token")
         time.sleep(rng.uniform(0, 0.03))
         cluster.kill(victim, signal.SIGKILL)
         got = [s.wait(60) for s in streams]
@@ -148,7 +141,7 @@ def test_hung_rank_is_fenced_and_its_requests_go_on(tiny, tmp_path):
     checkpoint, ps, want = tiny
     with ServingCluster(checkpoint, W, str(tmp_path), block_tokens=8, log_dir=str(tmp_path / "logs")) as cluster:
         streams = _submit_all(cluster, ps)
-        _wait_for(lambda: len(streams[1].tokens) >= 12)
+        wait_for(lambda: len(streams[1].tokens) >= 12, 60, "the stream to reach that token")
         cluster.kill(1, signal.SIGSTOP)
         got = [s.wait(60) for s in streams]
         adoptions = list(cluster.adoptions)
@@ -164,7 +157,7 @@ def test_corrupted_checkpoint_is_refused_and_the_request_recomputed(tiny, tmp_pa
     victim = 2
     with ServingCluster(checkpoint, W, str(tmp_path), block_tokens=8, log_dir=str(tmp_path / "logs")) as cluster:
         streams = _submit_all(cluster, ps)
-        _wait_for(lambda: len(streams[victim].tokens) >= 20)
+        wait_for(lambda: len(streams[victim].tokens) >= 20, 60, "the stream to reach that token")
         cluster.kill(victim, signal.SIGSTOP)
         files = [f for i in range(victim, len(ps), W) for f in glob.glob(str(tmp_path / "run*" / "kv" / f"r{i}.*"))]
         for f in files:
@@ -181,17 +174,11 @@ def test_corrupted_checkpoint_is_refused_and_the_request_recomputed(tiny, tmp_pa
     assert all(a["refused"] and a["covered"] == 0 for a in adoptions), adoptions  # none restored from a checkpoint
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_streams_through_the_death_of_rank_0(tiny, tmp_path):
     """``moe-resilient serve`` as a user starts it; one streamed completion over HTTP; rank 0 (the
     request's rank) SIGKILLed after 10 tokens; the stream goes on to the single-process answer."""
     checkpoint, ps, want = tiny
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moe_resilient.cli", "serve", "--model", checkpoint, "--nproc",
                              str(W), "--port", str(port), "--work-dir", str(tmp_path), "--block-tokens", "8"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -269,7 +256,8 @@ def test_disaggregated_worker_killed_mid_stream(tiny, tmp_path, victim):
     with ServingCluster(checkpoint, W, str(tmp_path), block_tokens=8, expert_ranks=2,
                         log_dir=str(tmp_path / "logs")) as cluster:
         streams = _submit_all(cluster, ps)
-        _wait_for(lambda: len(streams[1].tokens) >= random.Random(victim).randrange(2, NEW - 8))
+        at = random.Random(victim).randrange(2, NEW - 8)
+        wait_for(lambda: len(streams[1].tokens) >= at, 60, "the stream to reach that token")
         cluster.kill(victim, signal.SIGKILL)
         got = [s.wait(60) for s in streams]
         adoptions, mismatches = list(cluster.adoptions), list(cluster.mismatches)
@@ -286,7 +274,7 @@ def test_restart_baseline_relaunches_and_streams_each_token_once(tiny, tmp_path)
     checkpoint, ps, want = tiny
     with ServingCluster(checkpoint, W, str(tmp_path), recovery="restart", log_dir=str(tmp_path / "logs")) as cluster:
         streams = _submit_all(cluster, ps[:4])
-        _wait_for(lambda: len(streams[2].tokens) >= 10)
+        wait_for(lambda: len(streams[2].tokens) >= 10, 60, "the stream to reach that token")
         cluster.kill(2, signal.SIGKILL)
         got = [s.wait(120) for s in streams]
         restarts, mismatches = list(cluster.restarts), list(cluster.mismatches)

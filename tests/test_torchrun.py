@@ -12,7 +12,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,9 @@ import pytest
 
 from moe_resilient.drill import DrillModel, read_records
 from moe_resilient.shadow import ShadowStore
-from drill_helpers import check_outputs
+from drill_helpers import check_outputs, free_port
 
 HERE = os.path.dirname(__file__)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(*args, **kw):
@@ -72,7 +65,7 @@ def _reap(procs):
 
 
 def test_local_worker_crash_restarts_the_group(tmp_path):
-    agent = _torchrun("--nproc-per-node", "2", "--max-restarts", "1", "--master-port", str(_free_port()),
+    agent = _torchrun("--nproc-per-node", "2", "--max-restarts", "1", "--master-port", str(free_port()),
                       os.path.join(HERE, "torchrun_worker.py"), str(tmp_path))
     try:
         agent.wait(timeout=120)
@@ -92,7 +85,7 @@ def test_lost_node_does_not_stop_the_other_node(tmp_path):
     out, shadow = tmp_path / "out", tmp_path / "shadow"
     out.mkdir()
     ShadowStore.export(DrillModel(4, 4), str(shadow))
-    port = _free_port()
+    port = free_port()
     worker = ["-m", "moe_resilient.drill_worker", "--out-dir", str(out), "--shadow", str(shadow), "--steps", "400",
               "--tokens", "8", "--slots-per-rank", "4", "--step-sleep", "0.01", "--save-outputs"]
     common = ["--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
@@ -136,7 +129,7 @@ def _two_nodes(tmp_path, steps, extra_worker=(), extra_torchrun=(), env=None):
     worker = ["-m", "moe_resilient.drill_worker", "--out-dir", str(out), "--shadow", str(shadow), "--steps", str(steps),
               "--tokens", "16", "--slots-per-rank", "4", "--step-sleep", "0.01", "--save-outputs", *extra_worker]
     common = ["--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-              str(_free_port()), *extra_torchrun]
+              str(free_port()), *extra_torchrun]
     nodes = [_torchrun(*common, "--node-rank", str(n), *worker, env=env) for n in (0, 1)]
     return nodes, out
 
@@ -190,7 +183,7 @@ def test_store_outside_the_nodes_survives_node_0(tmp_path):
     """--max-restarts 0 and the store in its own process: SIGKILL node 0's rank-0 worker; node 0's agent
     stops its other worker and exits (with torchrun's own store in it). Node 1's ranks agree both away
     and serve to the end."""
-    port = _free_port()
+    port = free_port()
     store = subprocess.Popen([sys.executable, "-m", "moe_resilient.cli", "store", "--host", "127.0.0.1", "--port",
                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     env = {**os.environ, "MOE_RESILIENT_STORE": f"127.0.0.1:{port}"}
@@ -235,7 +228,7 @@ def test_hf_model_on_two_nodes_survives_node_1(tmp_path):
     worker = [os.path.join(HERE, "parallel_worker.py"), str(out), "mixtral", str(checkpoint), "serve", "-1", "8", "0",
               str(steps)]
     common = ["--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-              str(_free_port())]
+              str(free_port())]
     nodes = [_torchrun(*common, "--node-rank", str(n), *worker) for n in (0, 1)]
     try:
         deadline = time.monotonic() + 180
