@@ -10,7 +10,8 @@ exchange runs in C++ for a slice of its deadline at a time (``ShmWork.wait(timeo
 rank's doorbell, or on a peer's death seen by the liveness-board watchers, while nothing can move; so
 ElasticGroup waits on it exactly as on a gloo work, between slices probing the liveness board and
 heartbeats. A sender killed mid-copy never publishes, so no receiver reads torn rows, and a new
-generation starts from a fresh segment.
+generation starts from a fresh segment. A rank that gives up on an exchange withdraws the messages no
+peer has taken, so a rank that wakes after the others moved on (it was hung) cannot complete it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import torch
 
 importlib.import_module("moe_resilient._C")  # registers moe_resilient::shm_post / shm_take / shm_exchange
 _post, _take = torch.ops.moe_resilient.shm_post, torch.ops.moe_resilient.shm_take
-_exchange = torch.ops.moe_resilient.shm_exchange
+_exchange, _withdraw = torch.ops.moe_resilient.shm_exchange, torch.ops.moe_resilient.shm_withdraw
 
 HEADER = 64  # seq, ack, bytes; a cache line, so that slots never share one
-BELL = 64  # one doorbell word per rank, each on its own cache line
+BELL = 64  # one doorbell line per rank: the word peers ring, and whether its owner sleeps
+SPIN_US = 300  # how long a waiting rank yields its core before it sleeps
 SHM_DIR = "/dev/shm"
 
 
@@ -58,6 +60,7 @@ class ShmExchange:
 
     def __init__(self, path: str, rank: int, world_size: int, capacity: int = 1 << 20):
         self.path, self.rank, self.world_size, self.capacity = path, rank, world_size, capacity
+        self.spin_us = SPIN_US
         size = world_size * BELL + world_size * world_size * (HEADER + capacity)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -138,14 +141,19 @@ class ShmWork:
         ex = self.exchange
         return _exchange(ex.segment, ex.rank, ex.world_size, ex.capacity, self.peers, self.send, self.send_at,
                          self.send_bytes, self.post_seqs, self.recv, self.recv_at, self.recv_bytes, self.take_seqs,
-                         self.state, int(timeout_s * 1e6))
+                         self.state, int(timeout_s * 1e6), ex.spin_us)
 
     def is_completed(self) -> bool:
         return self._run(0.0)
 
     def abandon(self) -> bool:
-        """Give up (a peer is dead or hung); returns True only if the exchange had in fact completed."""
-        return self._run(0.0)
+        """Give up (a peer is dead or hung); returns True only if the exchange had in fact completed.
+        Otherwise withdraws every message no peer has taken, so that no rank completes it later."""
+        if self._run(0.0):
+            return True
+        ex = self.exchange
+        _withdraw(ex.segment, ex.rank, ex.world_size, ex.capacity, self.peers, self.post_seqs, self.state)
+        return False
 
     def drop(self, lost: list[int]) -> None:
         """After agreement: clear the ``lost`` ranks in the live mask; bytes still due from them count

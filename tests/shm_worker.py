@@ -1,8 +1,9 @@
 """One rank of the shared-memory transport tests (tests/test_shm.py).
 
     python shm_worker.py OUT equal          every exchange through shared memory equals gloo's, bit for bit
-    python shm_worker.py OUT kill VICTIMS [stop] [receiver]   VICTIMS (1 or 1,2) SIGKILL (or SIGSTOP)
-                            themselves halfway through posting (or taking) a large exchange
+    python shm_worker.py OUT kill VICTIMS [stop] [receiver] [small]   VICTIMS (1 or 1,2) SIGKILL (or
+                            SIGSTOP) themselves halfway through posting (or taking) a large exchange
+                            (small: once they have taken one peer's message of a 1-message exchange)
 """
 
 import json
@@ -58,17 +59,19 @@ if __name__ == "__main__":
         victims = [int(v) for v in sys.argv[3].split(",")]
         how = signal.SIGSTOP if "stop" in sys.argv[4:] else signal.SIGKILL
         counted = slice(1, 2) if "receiver" in sys.argv[4:] else slice(0, 1)  # its takes, or its posts
-        sizes = {(s, d): 300_000 for s in range(W) for d in range(W)}  # 5 messages per pair
+        rows = 7 if "small" in sys.argv[4:] else 300_000  # 1 or 5 messages per pair
+        enough = 1 if "small" in sys.argv[4:] else 2
+        sizes = {(s, d): rows for s in range(W) for d in range(W)}
         if rank in victims:
             from moe_resilient import shm
             real, hit = shm._exchange, []
 
-            def exchange_then_die(*args):  # dies (or hangs) once it has posted (taken) two messages
-                *head, state, timeout_us = args
+            def exchange_then_die(*args):  # dies (or hangs) once it has posted (taken) enough
+                *head, state, timeout_us, spin_us = args
                 peers = len(head[4])
                 while True:
-                    done = real(*head, state, min(timeout_us, 200))  # in 0.2 ms slices
-                    if int(state.view(2, peers)[counted].sum()) >= 2 and not hit:
+                    done = real(*head, state, min(timeout_us, 200), spin_us)  # in 0.2 ms slices
+                    if int(state.view(2, peers)[counted].sum()) >= enough and not hit:
                         hit.append(True)
                         os.kill(os.getpid(), how)
                     if done or timeout_us <= 200:
@@ -76,23 +79,24 @@ if __name__ == "__main__":
                     timeout_us -= 200
             shm._exchange = exchange_then_die
         before = group._shm
-        try:
-            exchange(group, sizes, torch.float32, 4, 0)
-            result["error"] = None
-        except RankFailure as failure:
-            result["error"] = str(failure)
-            result["lost"] = failure.lost_ranks
-        except FencedError:  # a hung victim, woken: the others went on without it
-            json.dump({"fenced": True}, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
-            os._exit(3)
+        result.update(error=None, lost=[])
+        big = True
+        while True:  # goes on; a survivor whose exchange completed before the death sees it in the next
+            try:
+                if big:
+                    exchange(group, sizes, torch.float32, 4, 0)
+                else:
+                    after = exchange(group, {(s, d): 7 for s in range(W) for d in range(W)}, torch.float32, 3, 1)
+                    break
+            except RankFailure as failure:
+                result["error"] = result["error"] or str(failure)
+                result["lost"] += failure.lost_ranks
+            except FencedError:  # a hung victim, woken: the others went on without it
+                json.dump({"fenced": True}, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
+                os._exit(3)
+            big = False
         result["mask"] = before.live.tolist()  # the failed generation's live-rank mask
         result["fresh_mask"] = group._shm.live.tolist()
-        while True:  # goes on (a second victim may only be agreed away here)
-            try:
-                after = exchange(group, {(s, d): 7 for s in range(W) for d in range(W)}, torch.float32, 3, 1)
-                break
-            except RankFailure as failure:
-                result["lost"] += failure.lost_ranks
         result["after_rows"] = after.shape[0]
     json.dump(result, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
     group.finish()

@@ -87,6 +87,20 @@ def test_messages_are_published_last(tmp_path):
         shm._post(seg, slot, 64, torch.zeros(65, dtype=torch.uint8), 3, bell1)
 
 
+def test_a_withdrawn_message_is_never_taken(tmp_path):
+    """Two ranks of one segment in one process: rank 0 posts to rank 1 and gives up (abandon withdraws
+    what was not taken); rank 1 then takes nothing, and its output keeps its old bytes."""
+    ex = [shm.ShmExchange(str(tmp_path / "segment"), r, 2, capacity=64) for r in (0, 1)]
+    nothing = torch.empty(0, dtype=torch.uint8)
+    recv = torch.full((64,), 7, dtype=torch.uint8)
+    sender = ex[0].all_to_all(nothing, torch.arange(64, dtype=torch.uint8), [0, 0], [0, 64], (0, 1))
+    assert not sender.is_completed() and sender.state.tolist() == [1, 0]  # posted; nothing from rank 1 yet
+    assert not sender.abandon()
+    receiver = ex[1].all_to_all(recv, nothing, [64, 0], [0, 0], (0, 1))
+    assert not receiver.is_completed() and receiver.state.tolist() == [1, 0]  # its own post; nothing taken
+    assert torch.equal(recv, torch.full((64,), 7, dtype=torch.uint8))
+
+
 def test_an_exchange_resumes_across_slices_and_chunks(tmp_path):
     """Two ranks of one segment in two threads, 200 bytes each way through 64-byte slots (4 messages a
     pair): slices of 1 ms that run out mid-exchange resume where they stopped; rank 1 starts late, so
@@ -129,10 +143,16 @@ def test_two_senders_killed_at_once(tmp_path):
         assert results[r]["after_rows"] == 2 * 7 and results[r]["mask"][0] and results[r]["mask"][3]
 
 
-def test_a_sender_hung_mid_transfer_is_fenced_when_it_wakes(tmp_path):
-    """Rank 1 SIGSTOPs itself mid-transfer: the survivors see its heartbeat stall, agree it away and go
-    on; woken afterwards, it finds itself fenced and exits, never reading a torn row."""
-    codes, logs, results, _ = _run(tmp_path, "kill", "1", "stop", wake=1)
+@pytest.mark.parametrize("how", ["sender", "receiver"])
+def test_a_rank_hung_mid_transfer_is_fenced_when_it_wakes(tmp_path, how):
+    """Rank 1 SIGSTOPs itself mid-transfer: as a sender, having posted two of its 1 MiB messages; as
+    a receiver of a one-message exchange, having taken one peer's message (it may have completed that
+    exchange: the others then lose it in the next, where they have posted to it before they notice).
+    The survivors see its heartbeat stall, agree it away, withdraw what it had not taken and go on;
+    woken afterwards, it cannot complete what they abandoned, finds itself fenced and exits, never
+    reading a torn row."""
+    codes, logs, results, _ = _run(tmp_path, "kill", "1", "stop", *(["receiver", "small"] if how == "receiver" else []),
+                                   wake=1)
     assert codes == {0: 0, 1: 3, 2: 0}, logs
     assert results[1] == {"fenced": True}
     for r in (0, 2):
