@@ -39,7 +39,7 @@ if __name__ == "__main__":
         dist.all_to_all_single(recv, x, recv_counts.tolist(), send_counts.tolist())
         return recv
 
-    backend = group._pg
+    backend = group._gloo()
 
     def raw_step():
         recv_counts = torch.empty_like(send_counts)

@@ -1,8 +1,8 @@
 """The collectives an ElasticGroup offers, over the current generation's backend.
 
 This is the seam where transports plug in: each collective builds its call on a backend (gloo, or for
-the all-to-alls among ranks of one host, shared memory: shm.py) and hands it to ``self._run``, which turns a dead or hung peer into agreement and
-``RankFailure``. Shapes are over the ``world_size`` global ranks; non-members count 0.
+the all-to-alls among ranks of one host, shared memory: shm.py) and hands it to ``self._run``, which
+turns a dead or hung peer into agreement and ``RankFailure``. Shapes are over the ``world_size`` global ranks; non-members count 0.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 
 class Collectives:
-    """Mixed into ElasticGroup, which provides ``members``, ``world_size``, ``_run(work_fn)``, the
-    join word (``_join_word()``, ``_agreed_join_word(words)``) and ``_shm`` (shm.ShmExchange or None)."""
+    """Mixed into ElasticGroup, which provides ``members``, ``world_size``, ``_run(work_fn)`` (it passes
+    ``gloo``: a call that returns the generation's gloo group), the join word (``_join_word()``, ``_agreed_join_word(words)``) and ``_shm`` (shm.ShmExchange or None)."""
 
     # Host work per call is a handful of small tensors and Python lists: on the hot path, advanced
     # indexing on [W] tensors cost more than the wrapper's whole remaining bookkeeping.
@@ -24,7 +24,7 @@ class Collectives:
         send = torch.tensor([v for r in self.members for v in (counts[r], word)], dtype=torch.long)
         recv = torch.empty_like(send)
         splits = [2] * len(self.members)
-        self._run(lambda pg: self._alltoall(pg, recv, send, splits, splits))
+        self._run(lambda gloo: self._alltoall(gloo, recv, send, splits, splits))
         got = recv.tolist()
         self._agreed_join_word(got[1::2])
         out = [0] * self.world_size
@@ -49,27 +49,27 @@ class Collectives:
         else:
             recv = out
         send = send.contiguous()
-        self._run(lambda pg: self._alltoall(pg, recv, send, out_splits, in_splits))
+        self._run(lambda gloo: self._alltoall(gloo, recv, send, out_splits, in_splits))
         return recv
 
-    def _alltoall(self, pg, recv: torch.Tensor, send: torch.Tensor, out_splits: list[int], in_splits: list[int]):
+    def _alltoall(self, gloo, recv: torch.Tensor, send: torch.Tensor, out_splits: list[int], in_splits: list[int]):
         """Through shared memory when every member shares this host (``self._shm``), else gloo."""
         if self._shm is not None:
             return self._shm.all_to_all(recv, send, out_splits, in_splits, self.members)
-        return pg.alltoall_base(recv, send, out_splits, in_splits)
+        return gloo().alltoall_base(recv, send, out_splits, in_splits)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In place over the members; ``op`` is "sum" or "max"."""
         opts = dist.AllreduceOptions()
         opts.reduceOp = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-        self._run(lambda pg: pg.allreduce([tensor], opts))
+        self._run(lambda gloo: gloo().allreduce([tensor], opts))
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
         """Broadcast from global rank ``root`` (a member)."""
         opts = dist.BroadcastOptions()
         opts.rootRank = self.members.index(root)
-        self._run(lambda pg: pg.broadcast([tensor], opts))
+        self._run(lambda gloo: gloo().broadcast([tensor], opts))
         return tensor
 
     def barrier(self) -> None:

@@ -187,7 +187,7 @@ class ElasticGroup(Collectives):
         self.generation = -1
         self.members: tuple[int, ...] = ()
         self.incarnations: Members = {}
-        self._pg = None
+        self._pg = None  # this generation's gloo group, once connected (see _gloo)
         self.joined = False  # True when this process entered as a replacement
         self._admitted = 0  # join requests admitted so far (agreed in-band)
         self._admit_target = 0
@@ -259,9 +259,9 @@ class ElasticGroup(Collectives):
         return tuple(sorted(self._membership(g)))
 
     def _form(self, g: int, members: Members) -> list[int]:
-        """Become a member of generation g and build its gloo group, once every member has shown up.
-        A member that is known dead or does not come is agreed away (one generation on); returns the
-        ranks lost on the way."""
+        """Become a member of generation g once every member has shown up, and map its shared-memory
+        segment or, where the members span hosts, connect its gloo group. A member that is known dead
+        or does not come is agreed away (one generation on); returns the ranks lost on the way."""
         if members.get(self.rank) != self.incarnation:
             raise FencedError(f"rank {self.rank} (incarnation {self.incarnation}) is not a member of generation "
                               f"{g} (members {sorted(members.items())})")
@@ -273,16 +273,24 @@ class ElasticGroup(Collectives):
             return self._agree()
         if os.environ.get("MOE_RESILIENT_DEBUG"):
             print(f"[rank {self.rank}] entering generation {g} members {list(self.members)}", flush=True)
-        try:
-            pg = self._connect_gloo(g)
-        except Exception:  # a member died after showing up, before every pair connected
-            self.last_failure_detect_s = time.monotonic()
-            return self._agree()
         if self._pg is not None:
             _retire(self._pg)
-        self._pg = pg
+            self._pg = None
         self._use_shm(g)
+        if self._shm is None:  # every all-to-all rides gloo: connect now, off the step's path
+            try:
+                self._pg = self._connect_gloo(g)
+            except Exception:  # a member died after showing up, before every pair connected
+                self.last_failure_detect_s = time.monotonic()
+                return self._agree()
         return []
+
+    def _gloo(self):
+        """This generation's gloo group. Where shared memory carries the all-to-alls it is connected
+        on first use (an all-reduce, a broadcast), so a new generation costs no connect until then."""
+        if self._pg is None:
+            self._pg = self._connect_gloo(self.generation)
+        return self._pg
 
     @property
     def job(self) -> str:
@@ -305,7 +313,8 @@ class ElasticGroup(Collectives):
     def _connect_gloo(self, g: int):
         """Generation g's gloo group, built on a thread while this one watches the members: gloo would
         wait for a member that died mid-connect for its whole deadline. Raises once one is known dead
-        or stalled (the builder thread fails on its own later; nothing uses its group)."""
+        or stalled, or has reported a failure, or after ``timeout`` (the builder thread fails on its
+        own later; nothing uses its group)."""
         built = {}
         # its own store connection: one client serialises its requests, and a rendezvous waiting for a
         # dead member's address would hold every other store call of this rank behind it
@@ -321,7 +330,8 @@ class ElasticGroup(Collectives):
         thread = threading.Thread(target=build, name="elastic-connect", daemon=True)
         thread.start()
         peers = {r: i for r, i in self.incarnations.items() if r != self.rank}
-        stall, last_poll = None, time.monotonic()
+        stall, start = None, time.monotonic()
+        last_poll = start
         while thread.is_alive():
             thread.join(self._slice.total_seconds())
             gone = set(self.detector.off_board(peers))
@@ -329,8 +339,13 @@ class ElasticGroup(Collectives):
                 last_poll = time.monotonic()
                 stall = stall or Stall(self.detector, peers)
                 gone = self.detector.noticed_dead(peers) | set(stall.poll())
+                if not gone and int(self.store.add(f"gen/{g}/checkin_bits", 0)) and thread.is_alive():
+                    raise RuntimeError(f"a survivor reported a failure while generation {g}'s gloo group connected")
             if gone and thread.is_alive():
                 raise RuntimeError(f"ranks {sorted(gone)} lost while generation {g}'s gloo group connected")
+            if time.monotonic() - start > self.timeout and thread.is_alive():  # a live member that never comes
+                raise TimeoutError(f"collective timed out after {self.timeout} s (connecting generation {g}'s "
+                                   "gloo group)")
         if "error" in built:
             raise built["error"]
         return built["pg"]
@@ -371,13 +386,14 @@ class ElasticGroup(Collectives):
 
     # ----------------------------------------------------------------------------------- collectives
     def _run(self, work_fn):
-        """Run one collective; a crash, a hung peer or a peer's failure report becomes agreement, a
-        new generation, RankFailure."""
-        if self._pg is None:
+        """Run one collective, ``work_fn(self._gloo)`` (it calls ``_gloo()`` for the gloo group if it
+        needs it); a crash, a hung peer or a peer's failure report becomes agreement, a new
+        generation, RankFailure."""
+        if not self.members:
             raise RuntimeError("ElasticGroup.start() has not been called")
         stall, work = [], None  # the waiting's heartbeat watch, carried into agreement
         try:
-            work = work_fn(self._pg)
+            work = work_fn(self._gloo)
             self._wait(work, stall)
         except FencedError:
             raise
@@ -435,7 +451,7 @@ class ElasticGroup(Collectives):
         raise RankFailure (a step's results are then released nowhere, and re-run everywhere); one lost
         after it counted in lets the commit succeed everywhere."""
         key = f"gen/{self.generation}/commit/{name}"
-        self._run(lambda pg: _StoreBarrier(self.store, key, len(self.members)))
+        self._run(lambda gloo: _StoreBarrier(self.store, key, len(self.members)))
 
     # ----------------------------------------------------------------------------------- agreement
     def _agree(self, stall: Stall | None = None) -> list[int]:
