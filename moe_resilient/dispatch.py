@@ -4,13 +4,14 @@ Every rank holds the whole placement (identical metadata everywhere) and the wei
 owns (``slot_rank[s] == rank``; slots must be numbered rank by rank). A step:
 
     route locally -> pick a live replica per (token, k) -> exchange per-rank row counts (this also
-    carries the join word) -> all-to-all the rows and their slot ids -> grouped SwiGLU over the slots
-    this rank owns -> reverse all-to-all -> weighted combine.
+    carries the join word) -> all-to-all the rows with their slot ids (one exchange) -> grouped SwiGLU
+    over the slots this rank owns -> reverse all-to-all -> weighted combine.
 
 Dead ranks own no live slot, so they are sent nothing. A collective that meets a dead or hung rank
 raises RankFailure (the group has already agreed and moved on); the caller runs
 ``elastic.recover_across_ranks`` and re-runs the step. The exchanges are custom ops
-(``moe_resilient::ep_exchange_counts``, ``moe_resilient::ep_all_to_all``) with fake kernels, so under
+(``moe_resilient::ep_exchange_counts``, ``moe_resilient::ep_dispatch``, ``moe_resilient::ep_all_to_all``)
+with fake kernels, so under
 ``compiled=True`` the whole forward, exchanges included, is one graph. They are differentiable: the
 backward of a dispatch is the reverse all-to-all, so the layer trains under expert parallelism too.
 """
@@ -64,6 +65,39 @@ def _backward(ctx, grad):
 all_to_all.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("moe_resilient::ep_dispatch", mutates_args=())
+def dispatch_rows(rows: torch.Tensor, slots: torch.Tensor, send_counts: torch.Tensor,
+             recv_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [n, H] and their slot ids [n] int64, grouped by destination -> (rows received [m, H], their
+    slot ids [m]), grouped by source: one exchange carrying both (each row's bytes, then its id's), so
+    a step waits on its peers once for them. The rows' backward is the reverse exchange."""
+    if isinstance(_group, Loopback):
+        return _group.dispatch(rows, slots)
+    n, m, row = rows.shape[0], int(recv_counts.sum()), rows.shape[1] * rows.element_size()
+    packed = torch.cat([rows.contiguous().view(torch.uint8).view(n, row), slots.reshape(n, 1).view(torch.uint8)], 1)
+    got = _group.all_to_all(packed, send_counts, recv_counts)
+    # the ids are cloned: a slice of one row (or none) is contiguous already, and outputs may not alias
+    return (got[:, :row].contiguous().view(rows.dtype).view(m, rows.shape[1]),
+            got[:, row:].clone().view(torch.int64).view(m))
+
+
+@dispatch_rows.register_fake
+def _(rows, slots, send_counts, recv_counts):
+    m = torch.library.get_ctx().new_dynamic_size()
+    return rows.new_empty(m, rows.shape[1]), slots.new_empty(m)
+
+
+def _dispatch_backward(ctx, grad_rows, grad_slots):
+    return all_to_all(grad_rows, ctx.recv_counts, ctx.send_counts), None, None, None
+
+
+def _dispatch_setup(ctx, inputs, output):
+    ctx.send_counts, ctx.recv_counts = inputs[2], inputs[3]
+
+
+dispatch_rows.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+
+
 class Loopback:
     """A stand-in group of one for ``ep_forward``: every row "sent" comes straight back, so the local
     slots compute every expert. For compiling the forward before a real group exists (a first compile
@@ -78,9 +112,10 @@ class Loopback:
         return send_counts
 
     def all_to_all(self, send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
-        if self.held is not None and not send.is_floating_point():
-            return send % len(self.held) + self.held.start
         return send.clone()  # a fresh tensor, as a real exchange returns: the compiled graphs then match
+
+    def dispatch(self, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rows.clone(), slots.clone() if self.held is None else slots % len(self.held) + self.held.start
 
 
 def _plan_dispatch(layer: ResilientMoE, x: torch.Tensor, world_size: int):
@@ -118,9 +153,7 @@ def _ep_forward(layer: ResilientMoE, x: torch.Tensor, world_size: int):
     torch._check(n <= order.shape[0])
     sent = order[:n]  # (token, k) pairs grouped by slot, hence by destination rank
     recv_counts = exchange_counts(send_counts)
-    recv_x = all_to_all(x[sent // K], send_counts, recv_counts)
-    recv_slots = all_to_all(slot_ids.flatten()[sent], send_counts, recv_counts)
-    torch._check(recv_slots.shape[0] == recv_x.shape[0])
+    recv_x, recv_slots = dispatch_rows(x[sent // K], slot_ids.flatten()[sent], send_counts, recv_counts)
     y_back = all_to_all(_local_experts(layer, recv_x, recv_slots), recv_counts, send_counts)
     torch._check(y_back.shape[0] == n)
     return _combine(layer, x, topk_weights, slot_ids, sent, y_back), logits

@@ -106,7 +106,8 @@ def test_ep_forward_is_one_graph_for_every_batch_size_and_placement():
             explained = torch._dynamo.explain(dispatch._ep_forward)(layers[0], torch.randn(16, H), 3)
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained
         ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
-        assert {"moe_resilient.ep_all_to_all.default", "moe_resilient.ep_exchange_counts.default"} <= ops, ops
+        assert {"moe_resilient.ep_dispatch.default", "moe_resilient.ep_all_to_all.default",
+                "moe_resilient.ep_exchange_counts.default"} <= ops, ops
         graphs = compiled_graphs()
         ep_forward(layers[0], torch.randn(16, H), group, compiled=True)  # compiles the one graph
         with torch._dynamo.config.patch(error_on_recompile=True):
