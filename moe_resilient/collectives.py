@@ -2,7 +2,8 @@
 
 This is the seam where transports plug in: each collective builds its call on a backend (gloo, or for
 the all-to-alls among ranks of one host, shared memory: shm.py) and hands it to ``self._run``, which
-turns a dead or hung peer into agreement and ``RankFailure``. Shapes are over the ``world_size`` global ranks; non-members count 0.
+turns a dead or hung peer into agreement and ``RankFailure``. Shapes are over the ``world_size`` global
+ranks; non-members count 0.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch.distributed as dist
 
 class Collectives:
     """Mixed into ElasticGroup, which provides ``members``, ``world_size``, ``_run(work_fn)`` (it passes
-    ``gloo``: a call that returns the generation's gloo group), the join word (``_join_word()``, ``_agreed_join_word(words)``) and ``_shm`` (shm.ShmExchange or None)."""
+    ``gloo``: a call that returns the generation's gloo group), the join word (``_join_word()``,
+    ``_agreed_join_word(words)``) and ``_shm`` (shm.ShmExchange or None)."""
 
     # Host work per call is a handful of small tensors and Python lists: on the hot path, advanced
     # indexing on [W] tensors cost more than the wrapper's whole remaining bookkeeping.

@@ -10,10 +10,10 @@ owns (``slot_rank[s] == rank``; slots must be numbered rank by rank). A step:
 Dead ranks own no live slot, so they are sent nothing. A collective that meets a dead or hung rank
 raises RankFailure (the group has already agreed and moved on); the caller runs
 ``elastic.recover_across_ranks`` and re-runs the step. The exchanges are custom ops
-(``moe_resilient::ep_exchange_counts``, ``moe_resilient::ep_dispatch``, ``moe_resilient::ep_all_to_all``)
-with fake kernels, so under
-``compiled=True`` the whole forward, exchanges included, is one graph. They are differentiable: the
-backward of a dispatch is the reverse all-to-all, so the layer trains under expert parallelism too.
+(``moe_resilient::ep_exchange_counts``, ``moe_resilient::ep_dispatch``,
+``moe_resilient::ep_all_to_all``) with fake kernels, so under ``compiled=True`` the whole forward,
+exchanges included, is one graph. They are differentiable: the backward of a dispatch is the reverse
+all-to-all, so the layer trains under expert parallelism too.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ all_to_all.register_autograd(_backward, setup_context=_setup)
 
 @torch.library.custom_op("moe_resilient::ep_dispatch", mutates_args=())
 def dispatch_rows(rows: torch.Tensor, slots: torch.Tensor, send_counts: torch.Tensor,
-             recv_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  recv_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """rows [n, H] and their slot ids [n] int64, grouped by destination -> (rows received [m, H], their
     slot ids [m]), grouped by source: one exchange carrying both (each row's bytes, then its id's), so
     a step waits on its peers once for them. The rows' backward is the reverse exchange."""
@@ -115,7 +115,8 @@ class Loopback:
         return send.clone()  # a fresh tensor, as a real exchange returns: the compiled graphs then match
 
     def dispatch(self, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rows.clone(), slots.clone() if self.held is None else slots % len(self.held) + self.held.start
+        folded = slots.clone() if self.held is None else slots % len(self.held) + self.held.start
+        return rows.clone(), folded
 
 
 def _plan_dispatch(layer: ResilientMoE, x: torch.Tensor, world_size: int):
