@@ -122,6 +122,31 @@ class _StoreBarrier:
             time.sleep(0.0002)
 
 
+class _Connecting:
+    """``build()`` running on a thread, shaped like a gloo work for ``ElasticGroup._wait``."""
+
+    def __init__(self, build):
+        self.result, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(build,), name="elastic-connect", daemon=True)
+        self.thread.start()
+
+    def _run(self, build) -> None:
+        try:
+            self.result = build()
+        except Exception as exc:  # noqa: BLE001 - raised in the waiting thread
+            self.error = exc
+
+    def is_completed(self) -> bool:
+        return not self.thread.is_alive()
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> None:
+        self.thread.join(None if timeout is None else timeout.total_seconds())
+        if self.thread.is_alive():
+            raise TimeoutError("still connecting")
+        if self.error is not None:
+            raise self.error
+
+
 def _timedelta(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
@@ -311,44 +336,19 @@ class ElasticGroup(Collectives):
             old.close(unlink=self.rank == min(self.members))
 
     def _connect_gloo(self, g: int):
-        """Generation g's gloo group, built on a thread while this one watches the members: gloo would
-        wait for a member that died mid-connect for its whole deadline. Raises once one is known dead
-        or stalled, or has reported a failure, or after ``timeout`` (the builder thread fails on its
-        own later; nothing uses its group)."""
-        built = {}
+        """Generation g's gloo group, built on a thread while this one waits on it as on a collective
+        (``_wait``): gloo would wait for a member that died mid-connect for its whole deadline. Raises
+        once one is known dead or stalled, or has reported a failure, or after ``timeout`` (the builder
+        thread fails on its own later; nothing uses its group)."""
         # its own store connection: one client serialises its requests, and a rendezvous waiting for a
         # dead member's address would hold every other store call of this rank behind it
         pg_store = dist.PrefixStore(f"gen/{g}/pg/", self._connect())
-
-        def build():
-            try:  # gloo's own deadline (connecting, and each operation) stays above ours: _wait decides
-                built["pg"] = dist.ProcessGroupGloo(pg_store, self.members.index(self.rank), len(self.members),
-                                                    _timedelta(max(30.0, 2 * self.timeout)))
-            except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
-                built["error"] = exc
-
-        thread = threading.Thread(target=build, name="elastic-connect", daemon=True)
-        thread.start()
-        peers = {r: i for r, i in self.incarnations.items() if r != self.rank}
-        stall, start = None, time.monotonic()
-        last_poll = start
-        while thread.is_alive():
-            thread.join(self._slice.total_seconds())
-            gone = set(self.detector.off_board(peers))
-            if not gone and time.monotonic() - last_poll >= self.poll_interval:
-                last_poll = time.monotonic()
-                stall = stall or Stall(self.detector, peers)
-                gone = self.detector.noticed_dead(peers) | set(stall.poll())
-                if not gone and int(self.store.add(f"gen/{g}/checkin_bits", 0)) and thread.is_alive():
-                    raise RuntimeError(f"a survivor reported a failure while generation {g}'s gloo group connected")
-            if gone and thread.is_alive():
-                raise RuntimeError(f"ranks {sorted(gone)} lost while generation {g}'s gloo group connected")
-            if time.monotonic() - start > self.timeout and thread.is_alive():  # a live member that never comes
-                raise TimeoutError(f"collective timed out after {self.timeout} s (connecting generation {g}'s "
-                                   "gloo group)")
-        if "error" in built:
-            raise built["error"]
-        return built["pg"]
+        index, size = self.members.index(self.rank), len(self.members)
+        # gloo's own deadline (connecting, and each operation) stays above ours: _wait decides
+        deadline = _timedelta(max(30.0, 2 * self.timeout))
+        connecting = _Connecting(lambda: dist.ProcessGroupGloo(pg_store, index, size, deadline))
+        self._wait(connecting, [])
+        return connecting.result
 
     def _join(self) -> ElasticGroup:
         """Ask to be admitted: the n-th request is written once, by compare_set, so that members that

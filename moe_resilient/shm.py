@@ -60,7 +60,6 @@ class ShmExchange:
 
     def __init__(self, path: str, rank: int, world_size: int, capacity: int = 1 << 20):
         self.path, self.rank, self.world_size, self.capacity = path, rank, world_size, capacity
-        self.spin_us = SPIN_US
         size = world_size * BELL + world_size * world_size * (HEADER + capacity)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -141,7 +140,7 @@ class ShmWork:
         ex = self.exchange
         return _exchange(ex.segment, ex.rank, ex.world_size, ex.capacity, self.peers, self.send, self.send_at,
                          self.send_bytes, self.post_seqs, self.recv, self.recv_at, self.recv_bytes, self.take_seqs,
-                         self.state, int(timeout_s * 1e6), ex.spin_us)
+                         self.state, int(timeout_s * 1e6), SPIN_US)
 
     def is_completed(self) -> bool:
         return self._run(0.0)

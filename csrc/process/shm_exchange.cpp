@@ -67,6 +67,16 @@ void check_range(const at::Tensor& segment, int64_t offset, int64_t bytes, const
               " outside the segment");
 }
 
+// Checks that `segment` holds the bells and slots of `world_size` ranks.
+void check_layout(const at::Tensor& segment, int64_t world_size, int64_t capacity) {
+  check_range(segment, 0, world_size * kBell + world_size * world_size * (kHeader + capacity), "segment layout");
+}
+
+// The header of the slot (from, to) of the segment at `b` (as shm.py's ShmExchange.slot).
+Header* slot_of(uint8_t* b, int64_t world_size, int64_t capacity, int64_t from, int64_t to) {
+  return reinterpret_cast<Header*>(b + world_size * kBell + (from * world_size + to) * (kHeader + capacity));
+}
+
 // Ring and sleep pair up as in Dekker's algorithm (both sequentially consistent): either the ringer
 // sees `sleeping` set and wakes the owner, or the owner sees the new `rung` and does not sleep.
 void ring(uint8_t* line) {
@@ -204,8 +214,7 @@ bool shm_exchange(const at::Tensor& segment, int64_t rank, int64_t world_size, i
   TORCH_CHECK(state.dtype() == at::kLong && state.is_contiguous() && state.numel() == 2 * n,
               "shm_exchange: state must be int64 [2 * peers]");
   TORCH_CHECK(capacity > 0 && rank >= 0 && rank < world_size, "shm_exchange: bad rank or capacity");
-  const int64_t slot_bytes = kHeader + capacity;
-  check_range(segment, 0, world_size * kBell + world_size * world_size * slot_bytes, "segment layout");
+  check_layout(segment, world_size, capacity);
   std::vector<int64_t> posts(n), takes(n);
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(peers[i] >= 0 && peers[i] < world_size && peers[i] != rank, "shm_exchange: bad peer ", peers[i]);
@@ -220,9 +229,7 @@ bool shm_exchange(const at::Tensor& segment, int64_t rank, int64_t world_size, i
   uint8_t* dst = recv.data_ptr<uint8_t>();
   int64_t* done = state.data_ptr<int64_t>();
   auto* my_bell = reinterpret_cast<Bell*>(b + rank * kBell);
-  auto slot = [&](int64_t from, int64_t to) {
-    return reinterpret_cast<Header*>(b + world_size * kBell + (from * world_size + to) * slot_bytes);
-  };
+  auto slot = [&](int64_t from, int64_t to) { return slot_of(b, world_size, capacity, from, to); };
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(timeout_us);
   auto& deaths = moe_resilient::board_deaths();
   const uint32_t deaths_seen = deaths.load(std::memory_order_acquire);
@@ -263,13 +270,12 @@ void shm_withdraw(const at::Tensor& segment, int64_t rank, int64_t world_size, i
   TORCH_CHECK(state.dtype() == at::kLong && state.is_contiguous() &&
                   state.numel() == 2 * static_cast<int64_t>(peers.size()) && post_seqs.size() == peers.size(),
               "shm_withdraw: one sequence number and state per peer");
-  const int64_t slot_bytes = kHeader + capacity;
-  check_range(segment, 0, world_size * kBell + world_size * world_size * slot_bytes, "segment layout");
+  check_layout(segment, world_size, capacity);
   uint8_t* b = base(segment);
   const int64_t* done = state.data_ptr<int64_t>();
   for (size_t i = 0; i < peers.size(); ++i) {
     if (done[i] == 0) continue;
-    auto* h = reinterpret_cast<Header*>(b + world_size * kBell + (rank * world_size + peers[i]) * slot_bytes);
+    Header* h = slot_of(b, world_size, capacity, rank, peers[i]);
     uint64_t latest = post_seqs[i] + done[i] - 1;
     if (std::atomic_ref<uint64_t>(h->ack).load(std::memory_order_acquire) != latest) {
       std::atomic_ref<uint64_t>(h->seq).compare_exchange_strong(latest, kWithdrawn);
