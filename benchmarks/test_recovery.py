@@ -50,8 +50,8 @@ def test_repair_plan(benchmark, planner_inputs, impl):
     topo, load, phy2log, slot_rank, alive = planner_inputs
     fn = P._repair if impl == "numba" else P._repair.py_func
     args = (phy2log, slot_rank, alive, load, topo.rank_host, topo.seconds_per_byte, True, True)
-    new, copies = benchmark(fn, *args)
-    ref_new, ref_copies = P._repair(*args)
+    new, copies = benchmark(lambda: fn(*args, np.zeros(W), 1.0))  # busy [W] is updated in place
+    ref_new, ref_copies = P._repair(*args, np.zeros(W), 1.0)
     assert np.array_equal(new, ref_new) and np.array_equal(copies, ref_copies)
     benchmark.extra_info.update(kind="repair", impl=impl)
 

@@ -191,16 +191,21 @@ def _pack(load, counts, phy2log, slot_rank, alive, rank_host):
 
 
 @numba.njit(
-    numba.types.Tuple((_i64[:], _i64[:, :]))(_i64[:], _i64[:], _b1[:], _f64[:], _i64[:], _f64[:], _b1, _b1),
+    numba.types.Tuple((_i64[:], _i64[:, :]))(_i64[:], _i64[:], _b1[:], _f64[:], _i64[:], _f64[:], _b1, _b1, _f64[:],
+                                             _f64),
     cache=True,
 )
-def _repair(phy2log, slot_rank, alive, load, rank_host, cost, shadow_in_memory, restore_redundancy):
+def _repair(phy2log, slot_rank, alive, load, rank_host, cost, shadow_in_memory, restore_redundancy, busy, slot_bytes):
     """Repair after losing the ranks with ``alive[r] == False``.
 
     Returns (new phy2log [S], copies [C, 4]: target slot, expert, source kind, source slot or -1).
     Slots of dead ranks are emptied. Experts with no live replica are placed first (heaviest
     first), into spare slots or, failing that, a reclaimed slot of the expert with the most
-    replicas per unit load; then lost redundancy is restored into remaining spares."""
+    replicas per unit load; then lost redundancy is restored into remaining spares.
+
+    ``busy`` [W]: seconds of copying each rank already has to do (earlier layers' repairs); each
+    target's owner makes its copy, so among equally good targets the least busy rank's is taken, and
+    the copy's time (``slot_bytes`` at its source's cost) is added, in place."""
     E, S, W = load.shape[0], phy2log.shape[0], alive.shape[0]
     out = phy2log.copy()
     before = np.zeros(E, dtype=np.int64)
@@ -247,7 +252,8 @@ def _repair(phy2log, slot_rank, alive, load, rank_host, cost, shadow_in_memory, 
                         break
                 if holds:
                     continue  # a second copy on one rank adds neither capacity nor safety
-                if target < 0 or rank_load[r] < rank_load[slot_rank[target]]:
+                if target < 0 or rank_load[r] < rank_load[slot_rank[target]] or (
+                        rank_load[r] == rank_load[slot_rank[target]] and busy[r] < busy[slot_rank[target]]):
                     target = s
             if target < 0 and pass_ == 0:  # no spare: reclaim the most redundant replica's slot
                 best_val = -1.0
@@ -256,7 +262,7 @@ def _repair(phy2log, slot_rank, alive, load, rank_host, cost, shadow_in_memory, 
                     if e2 < 0 or not alive[slot_rank[s]] or live[e2] < 2:
                         continue
                     v = live[e2] / (load[e2] + 1e-12)
-                    if v > best_val:
+                    if v > best_val or (v == best_val and busy[slot_rank[s]] < busy[slot_rank[target]]):
                         target, best_val = s, v
                 if target >= 0:
                     live[out[target]] -= 1
@@ -275,6 +281,7 @@ def _repair(phy2log, slot_rank, alive, load, rank_host, cost, shadow_in_memory, 
             out[target] = e
             live[e] += 1
             rank_load[tr] += load[e] / live[e]
+            busy[tr] += cost[kind] * slot_bytes
             copies[n_copies, 0] = target
             copies[n_copies, 1] = e
             copies[n_copies, 2] = kind
@@ -391,9 +398,12 @@ def initial_placement(
 
 def repair_plan(
     phy2log, slot_rank, alive, load, topology: Topology, *, shadow_in_memory: bool = True,
-    restore_redundancy: bool = True,
+    restore_redundancy: bool = True, busy: np.ndarray | None = None, slot_bytes: float = 1.0,
 ) -> Plan:
-    """Plan coverage (and then redundancy) for the ranks with ``alive[r] == False``."""
+    """Plan coverage (and then redundancy) for the ranks with ``alive[r] == False``. ``busy`` [W]
+    float64 (updated in place): seconds of copying each rank already has, from the plans of other
+    layers, whose experts take ``slot_bytes`` each; ties between targets go to the least busy rank,
+    so the copies of a multi-layer repair run on all the survivors at once."""
     phy2log, slot_rank = _i64a(phy2log), _i64a(slot_rank)
     alive = np.ascontiguousarray(np.asarray(alive, dtype=np.bool_))
     load = np.ascontiguousarray(np.asarray(load, dtype=np.float64))
@@ -401,9 +411,13 @@ def repair_plan(
         raise ValueError(f"alive has {alive.shape[0]} ranks, topology has {topology.world_size}")
     if not alive.any():
         raise ValueError("no rank is alive: nothing to repair onto")
+    if busy is None:
+        busy = np.zeros(topology.world_size)
+    if busy.shape != (topology.world_size,) or busy.dtype != np.float64:
+        raise ValueError(f"busy must be float64 [{topology.world_size}], got {busy.dtype} {list(busy.shape)}")
     new, copies = _repair(
         phy2log, slot_rank, alive, load, topology.rank_host, topology.seconds_per_byte,
-        shadow_in_memory, restore_redundancy,
+        shadow_in_memory, restore_redundancy, busy, float(slot_bytes),
     )
     return _finish(new, slot_rank, alive, topology.rank_host, load.shape[0], copies)
 

@@ -111,6 +111,23 @@ def test_rebalance_and_readmit():
         P.readmit_plan(repair.phy2log, slot_rank, alive, 0, load, topo)
 
 
+def test_a_multi_layer_repair_spreads_its_copies_over_the_survivors():
+    # 3 ranks x 2 slots; expert 0 on ranks 0 and 1 (the most redundant), expert 1 only on rank 2,
+    # experts 2 and 3 once each: losing rank 2 leaves expert 1 uncovered in every layer
+    topo = P.Topology(3, 3)
+    phy2log, slot_rank = np.array([0, 2, 0, 3, 1, -1]), np.array([0, 0, 1, 1, 2, 2])
+    alive, load = np.array([True, True, False]), np.ones(4)
+    alone = [slot_rank[P.repair_plan(phy2log, slot_rank, alive, load, topo).copies[0, 0]] for _ in range(2)]
+    assert alone == [0, 0]  # planned alone, each layer takes the lowest tie: one rank makes every copy
+    busy = np.zeros(3)
+    spread = [slot_rank[P.repair_plan(phy2log, slot_rank, alive, load, topo, busy=busy, slot_bytes=2**20).copies[0, 0]]
+              for _ in range(2)]
+    assert spread == [0, 1]  # the second layer's copy goes to the rank with no copy yet
+    assert busy[0] == busy[1] > 0 and busy[2] == 0
+    with pytest.raises(ValueError, match="busy"):
+        P.repair_plan(phy2log, slot_rank, alive, load, topo, busy=np.zeros(2))
+
+
 def test_bad_input():
     topo = P.Topology(2, 2)
     with pytest.raises(ValueError, match="num_replicas"):

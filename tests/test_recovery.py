@@ -126,6 +126,19 @@ def test_recover_under_ep_plans_on_the_load_it_is_given(served):
     assert torch.equal(layer.placement.phy2log, baseline["placement.phy2log"])  # refused before any edit
 
 
+def test_the_layers_restores_land_on_different_survivors():
+    """Each rank writes its own slots, so a repair of many layers is as fast as its busiest rank: the
+    plans of two identical layers put their shadow restores on different ranks."""
+    from moe_resilient.recovery import plan_repair
+    from moe_resilient.shadow import resilient_layers
+
+    cfg = MoEConfig(H, I, 4, 2, num_slots=6, world_size=3)
+    model = torch.nn.Sequential(*(ResilientMoE(cfg, phy2log=[0, 2, 0, 3, 1, -1]) for _ in range(2)))
+    plans = plan_repair(resilient_layers(model), [2], topology=P.Topology(3, 3), local_rank=0)
+    targets = [int(plan.copies[0, 0]) for plan in plans.values()]
+    assert [int(model[0].placement.slot_rank[t]) for t in targets] == [0, 1]
+
+
 # --------------------------------------------------------------------------- honest reports, consistent replicas
 # Two hosts ({0, 1}, {2, 3}), four slots a rank. Losing rank 1 leaves expert 2 with no live replica and
 # expert 3 with two of its three: its redundancy copy lands on rank 0 (host 0), whose cheapest sources
