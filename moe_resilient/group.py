@@ -7,7 +7,8 @@ Each process is one incarnation of its rank (detector.py): members are (rank, in
     gen                      current generation g
     gen/{g}/members          JSON [[rank, incarnation], ...] of generation g
     gen/{g}/pg/...           gloo rendezvous of generation g (a fresh PrefixStore each time)
-    gen/{g}/checkin_bits     bit r set: survivor r reached agreement after a failure in generation g
+    gen/{g}/checkin_bits/{w} bit r % 62 of word r // 62 set: survivor r reached agreement after a
+                             failure in generation g (``_rank_set``)
     gen/{g}/decision         members of generation g+1 (compare_set: the first proposal wins, so
                              every survivor adopts the same membership)
     gen/{g}/here, here/{r}   count of members of g that have shown up before its gloo rendezvous
@@ -70,6 +71,20 @@ class RankFailure(RuntimeError):
 
 class FencedError(RuntimeError):
     """This rank was excluded from the group (presumed dead) and may not take part any more."""
+
+
+RANKS_PER_WORD = 62  # ranks per word of a rank set in the store: one int64 atomic add
+
+
+def _rank_set(store: dist.Store, key: str, world_size: int, rank: int | None = None) -> set[int]:
+    """Add ``rank`` (None: none) to the set of ranks kept under ``key`` as bit words, and return the
+    set: one atomic add per word, so one round trip reads 62 ranks."""
+    ranks = set()
+    for w in range(-(-world_size // RANKS_PER_WORD)):
+        mine = rank is not None and rank // RANKS_PER_WORD == w
+        word = int(store.add(f"{key}/{w}", 1 << rank % RANKS_PER_WORD if mine else 0))
+        ranks.update(w * RANKS_PER_WORD + i for i in range(RANKS_PER_WORD) if word >> i & 1)
+    return ranks
 
 
 def _retire(pg, delay: float = 1.0) -> None:
@@ -436,7 +451,7 @@ class ElasticGroup(Collectives):
                     stall.append(Stall(self.detector, peers))
                 stalled = stall[0].poll()
                 reason = (
-                    "a survivor reported a failure" if int(self.store.add(f"gen/{self.generation}/checkin_bits", 0))
+                    "a survivor reported a failure" if self._checked_in()
                     else "death notice" if self.detector.noticed_dead(peers)
                     else f"heartbeat of ranks {stalled} stalled" if stalled
                     else f"collective timed out after {self.timeout} s" if now - start > self.timeout
@@ -460,14 +475,12 @@ class ElasticGroup(Collectives):
         decision, form the next generation. ``stall``: the heartbeat watch of the failed wait, so that
         a heartbeat already seen stalled is not waited for twice. Returns the lost ranks."""
         g, members = self.generation, self.incarnations
-        bits = f"gen/{g}/checkin_bits"  # one atomic add per survivor; one read gives everyone's
-        self.store.add(bits, 1 << self.rank)
+        self._checked_in(self.rank)
         stall = stall or Stall(self.detector, members)
         start = last_poll = time.monotonic()
         stalled: set[int] = set()
         while not self.store.check([f"gen/{g}/decision"]):
-            mask = int(self.store.add(bits, 0))
-            checked = {r for r in members if mask >> r & 1}
+            checked = self._checked_in() & set(members)
             unchecked = {r: i for r, i in members.items() if r not in checked}
             now = time.monotonic()
             if unchecked and now - last_poll >= self.poll_interval:  # silent: dead or hung (a woken one beats)
@@ -491,8 +504,12 @@ class ElasticGroup(Collectives):
 
     def _agreement_pending(self) -> bool:
         """A member has reported a failure in the current generation and this one has not checked in."""
-        mask = int(self.store.add(f"gen/{self.generation}/checkin_bits", 0))
-        return bool(mask) and not mask >> self.rank & 1
+        checked = self._checked_in()
+        return bool(checked) and self.rank not in checked
+
+    def _checked_in(self, rank: int | None = None) -> set[int]:
+        """The survivors that have reached agreement in this generation (adding ``rank``)."""
+        return _rank_set(self.store, f"gen/{self.generation}/checkin_bits", self.world_size, rank)
 
     def _missing(self) -> set[int]:
         """Before this generation's gloo group forms (its rendezvous waits for every member for gloo's
@@ -530,20 +547,26 @@ class ElasticGroup(Collectives):
         members = self._membership(g)
         base = f"gen/{g}/gather/{name}"
         self.store.set(f"{base}/{self.rank}", value)
+        # who has posted, as bit words: a poll is one round trip, which leaves the cores to the members
+        # still restoring experts
+        posted = _rank_set(self.store, f"{base}/posted", self.world_size, self.rank)
         closed = f"{base}/closed"
         stall, start, last_poll, stalled = Stall(self.detector, members), time.monotonic(), 0.0, set()
-        while not self.store.check([closed]):
-            waiting = {r: i for r, i in members.items() if not self.store.check([f"{base}/{r}"])}
+        while True:
+            waiting = {r: i for r, i in members.items() if r not in posted}
             now = time.monotonic()
             if waiting and now - last_poll >= self.poll_interval:
                 last_poll, stalled = now, set(stall.poll(waiting))
+                if self.store.check([closed]):  # decided by a member that gave up on some sooner
+                    break
                 if self._agreement_pending():  # a member it waits for may be agreeing, waiting for it
                     self._agree()
             if not set(waiting) - self.detector.known_dead(waiting) - stalled or now - start > self.agree_timeout:
-                posted = [r for r in members if self.store.check([f"{base}/{r}"])]  # the dead post no more
+                posted = sorted(set(members) - set(waiting))  # the dead post no more
                 self.store.compare_set(closed, "", json.dumps(posted))
                 break
             time.sleep(0.0005)
+            posted = _rank_set(self.store, f"{base}/posted", self.world_size)
         ranks = json.loads(self.store.get(closed))
         return {r: v.decode() for r, v in zip(ranks, self.store.multi_get([f"{base}/{r}" for r in ranks]))}
 

@@ -247,6 +247,19 @@ def test_native_heartbeat_beats_while_the_gil_is_held_and_stops():
         torch.classes.moe_resilient.Heartbeat("127.0.0.1", 0, "k", "j", 0.01)
 
 
+def test_rank_sets_in_the_store_hold_more_ranks_than_a_word():
+    """Agreement's check-ins and a gather's posts are rank sets of int64 bit words: a group of 130
+    ranks needs three words, and any rank can be added."""
+    from moe_resilient.group import _rank_set
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    assert _rank_set(store, "set", 130) == set()
+    for r in (0, 61, 62, 63, 129):
+        _rank_set(store, "set", 130, r)
+    assert _rank_set(store, "set", 130) == {0, 61, 62, 63, 129}
+    assert _rank_set(store, "other", 130) == set()
+
+
 CHECKED_IN_THEN_DEAD = """
 import json, os, signal, sys, time
 import torch
@@ -255,7 +268,7 @@ group = ElasticGroup.from_env(timeout=10.0, heartbeat_timeout=0.5, agree_timeout
 if group.rank == 2:  # meets the failure, checks in to the agreement, dies before the next group forms
     def check_in_and_die(*args):
         g = group.generation
-        group.store.add(f"gen/{g}/checkin_bits", 1 << group.rank)
+        group._checked_in(group.rank)
         if sys.argv[2] == "after-decision":
             group.store.wait([f"gen/{g}/decision"])
         os.kill(os.getpid(), signal.SIGKILL)

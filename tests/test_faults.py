@@ -38,7 +38,7 @@ def test_hung_rank_woken_during_agreement_is_taken_back_or_fenced(tmp_path, refe
     with Launcher(W, cmd, respawn=True, log_dir=str(tmp_path / "logs")) as launcher:
         wait_for(lambda: sum("batch_of" in x for x in records(out, 1)) >= 3, 120, "3 steps served")
         launcher.kill(1, signal.SIGSTOP)
-        bits = f"{STORE_PREFIX}gen/0/checkin_bits"
+        bits = f"{STORE_PREFIX}gen/0/checkin_bits/0"
         wait_for(lambda: int(launcher.store.add(bits, 0)), 30, "a survivor to check in")
         time.sleep(delay)
         launcher.kill(1, signal.SIGCONT)
