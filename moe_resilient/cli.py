@@ -171,7 +171,8 @@ def drill(nproc, steps, tokens, fail_rank, fail_step, fail_host, ranks_per_host,
     ms = lambda v: "n/a" if v is None else f"{v * 1e3:.1f} ms"  # noqa: E731
     back = result["time_to_95pct_throughput_s"]
     click.echo(f"detection {ms(result['detection_latency_s'])}, agreement {ms(result['agreement_s'])}, "
-               f"recovery {ms(result['recovery_s'])}, pause {ms(result['pause_s'])} ({ms(result['pause_after_detection_s'])} "
+               f"recovery {ms(result['recovery_s'])}, serving again {ms(result['serving_again_after_detection_s'])} "
+               f"after detection, pause {ms(result['pause_s'])} ({ms(result['pause_after_detection_s'])} "
                f"after detection; a step takes {ms(result['step_s'])}), stall {ms(result['stall_s'])}, "
                f"95% throughput after {'never' if back is None else f'{back:.2f} s'}, lost batches "
                f"{result['lost_batches']}, re-run {result['rerun_batches']}, "
