@@ -72,8 +72,8 @@ class SlotExperts(nn.Module):
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes of one slot's weights (w13 and w2)."""
-        return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+        """Bytes of one slot's weights (w13 and w2), also on a rank that holds no slot."""
+        return (self.w13.shape[1:].numel() + self.w2.shape[1:].numel()) * self.w13.element_size()
 
     def holds(self, slot: int) -> bool:
         return slot in self.held

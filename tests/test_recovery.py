@@ -139,6 +139,24 @@ def test_the_layers_restores_land_on_different_survivors():
     assert [int(model[0].placement.slot_rank[t]) for t in targets] == [0, 1]
 
 
+def test_a_rank_holding_no_slot_follows_the_repair(tmp_path):
+    """Disaggregated serving: an attention rank owns no expert slot, yet applies the same placement
+    edits as the expert ranks (it routes its tokens by them)."""
+    cfg = MoEConfig(H, I, 4, 2, num_slots=8, world_size=3)
+    placement = dict(phy2log=[0, 1, -1, -1, 2, 3, -1, -1], slot_rank=[1, 1, 1, 1, 2, 2, 2, 2])
+    whole = ResilientMoE(cfg, **placement)
+    whole.load_logical_weights(torch.randn(4, 2 * I, H), torch.randn(4, H, I))
+    store = ShadowStore.export(whole, str(tmp_path / "shadow"))
+    expert_rank, attention_rank = ResilientMoE(cfg, **placement), ResilientMoE(cfg, **placement)
+    expert_rank.shard(2)
+    attention_rank.shard(0)
+    assert len(attention_rank.experts.w13) == 0
+    for rank, layer in ((2, expert_rank), (0, attention_rank)):
+        recover(layer, [1], shadow=store, local_rank=rank, shadow_current=True)
+    assert torch.equal(attention_rank.placement.phy2log, expert_rank.placement.phy2log)
+    assert attention_rank.placement.uncovered() == [] and expert_rank.placement.slots_of(0) in ([6], [7])
+
+
 # --------------------------------------------------------------------------- honest reports, consistent replicas
 # Two hosts ({0, 1}, {2, 3}), four slots a rank. Losing rank 1 leaves expert 2 with no live replica and
 # expert 3 with two of its three: its redundancy copy lands on rank 0 (host 0), whose cheapest sources
