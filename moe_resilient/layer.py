@@ -283,7 +283,7 @@ class ResilientMoE(nn.Module):
 
     def memory_overhead(self) -> dict:
         """Bytes of expert slots beyond one copy per logical expert (redundant replicas and spares)."""
-        per_slot = (self.experts.w13[0].numel() + self.experts.w2[0].numel()) * self.experts.w13.element_size()
+        per_slot = self.experts.slot_bytes
         held = self.placement.phy2log >= 0
         replicas = int(held.sum()) - int(torch.unique(self.placement.phy2log[held]).numel())
         spares = int((~held).sum())

@@ -155,6 +155,8 @@ def test_a_rank_holding_no_slot_follows_the_repair(tmp_path):
         recover(layer, [1], shadow=store, local_rank=rank, shadow_current=True)
     assert torch.equal(attention_rank.placement.phy2log, expert_rank.placement.phy2log)
     assert attention_rank.placement.uncovered() == [] and expert_rank.placement.slots_of(0) in ([6], [7])
+    attention, experts = memory_report(attention_rank), memory_report(expert_rank)
+    assert attention.pop("held_bytes") == 0 and experts.pop("held_bytes") > 0 and attention == experts
 
 
 # --------------------------------------------------------------------------- honest reports, consistent replicas
