@@ -55,8 +55,9 @@ class Collectives:
         return recv
 
     def _alltoall(self, gloo, recv: torch.Tensor, send: torch.Tensor, out_splits: list[int], in_splits: list[int]):
-        """Through shared memory when every member shares this host (``self._shm``), else gloo."""
-        if self._shm is not None:
+        """Through shared memory when every member shares this host (``self._shm``) and the rows are in
+        host memory, else gloo (which stages CUDA tensors through the host)."""
+        if self._shm is not None and recv.device.type == "cpu":
             return self._shm.all_to_all(recv, send, out_splits, in_splits, self.members)
         return gloo().alltoall_base(recv, send, out_splits, in_splits)
 

@@ -1,10 +1,13 @@
 """The layer on a CUDA device, where the ops run ops/cuda.py (torch._grouped_mm for bf16, the plain
 references otherwise): equal to the same layer on CPU forward and backward, the compositions equal to the
 references there, a serving step that never waits on the device and replays placement edits from one
-captured CUDA graph, compiled with zero recompiles across placement edits, the ops pass opcheck there, and
-a swapped HF model gives the original logits. Skipped without a GPU."""
+captured CUDA graph, compiled with zero recompiles across placement edits, the ops pass opcheck there, a
+swapped HF model gives the original logits, and two ranks sharing the GPU run an expert-parallel forward
+equal to one process. Skipped without a GPU."""
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -229,3 +232,38 @@ def test_demo_on_cuda_with_cuda_graphs():
     assert result.exit_code == 0, result.output
     diffs = [float(line.rsplit(" ", 1)[1]) for line in result.output.splitlines() if "vs healthy" in line]
     assert len(diffs) >= 2 and max(diffs) < 3e-2 and "recompiles: 0" in result.output, result.output
+
+
+EP_WORKER = r"""
+import os, sys, torch
+from moe_resilient.drill_worker import DrillModel, make_batch
+from moe_resilient.group import ElasticGroup
+torch.backends.cuda.matmul.allow_tf32 = False
+rank, W = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+model = DrillModel(W, 5, 0).eval().cuda()
+for layer in model.moe:
+    layer.shard(rank)
+group = ElasticGroup.from_env(timeout=60.0).start()
+with torch.no_grad():
+    y = model.ep(make_batch(0, rank, 16).cuda(), group)
+torch.save(y.cpu(), os.path.join(sys.argv[1], f"y{rank}.pt"))
+group.finish()
+os._exit(0)
+"""
+
+
+def test_two_ranks_sharing_the_gpu_serve_an_expert_parallel_forward(tmp_path):
+    """Rows on the GPU ride gloo between the ranks (shared memory takes host rows only), and each
+    rank's output equals the single-process model's."""
+    from moe_resilient.drill_worker import DrillModel, make_batch
+    from moe_resilient.launch import Launcher
+
+    script = tmp_path / "worker.py"
+    script.write_text(EP_WORKER)
+    with Launcher(2, [sys.executable, str(script), str(tmp_path)], log_dir=str(tmp_path / "logs")) as launcher:
+        assert launcher.wait(300) == {0: 0, 1: 0}, [open(tmp_path / "logs" / f"rank{r}.log").read() for r in (0, 1)]
+    reference = DrillModel(2, 5, 0).eval()
+    with torch.no_grad():
+        for rank in (0, 1):
+            got = torch.load(os.path.join(tmp_path, f"y{rank}.pt"))
+            torch.testing.assert_close(got, reference(make_batch(0, rank, 16)), rtol=1e-4, atol=1e-4)

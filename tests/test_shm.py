@@ -101,6 +101,29 @@ def test_a_withdrawn_message_is_never_taken(tmp_path):
     assert torch.equal(recv, torch.full((64,), 7, dtype=torch.uint8))
 
 
+def test_rows_off_the_host_ride_gloo(tmp_path):
+    """Shared memory carries rows in host memory only: CUDA rows go through gloo, which stages them
+    (here a meta tensor stands in for a device tensor)."""
+    from moe_resilient.collectives import Collectives
+
+    calls = []
+
+    class Gloo:
+        def alltoall_base(self, *args):
+            calls.append("gloo")
+
+    class Group(Collectives):
+        members = (0, 1)
+        _shm = shm.ShmExchange(str(tmp_path / "segment"), 0, 2, capacity=64)
+
+    group = Group()
+    group._shm.all_to_all = lambda *args: calls.append("shm")
+    for device in ("cpu", "meta"):
+        rows = torch.empty(2, 4, device=device)
+        group._alltoall(lambda: Gloo(), rows, rows, [1, 1], [1, 1])
+    assert calls == ["shm", "gloo"]
+
+
 def test_an_exchange_resumes_across_slices_and_chunks(tmp_path):
     """Two ranks of one segment in two threads, 200 bytes each way through 64-byte slots (4 messages a
     pair): slices of 1 ms that run out mid-exchange resume where they stopped; rank 1 starts late, so
