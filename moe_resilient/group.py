@@ -562,8 +562,8 @@ class ElasticGroup(Collectives):
                 if self._agreement_pending():  # a member it waits for may be agreeing, waiting for it
                     self._agree()
             if not set(waiting) - self.detector.known_dead(waiting) - stalled or now - start > self.agree_timeout:
-                posted = sorted(set(members) - set(waiting))  # the dead post no more
-                self.store.compare_set(closed, "", json.dumps(posted))
+                counted = sorted(set(members) - set(waiting))  # the dead post no more
+                self.store.compare_set(closed, "", json.dumps(counted))
                 break
             time.sleep(0.0005)
             posted = _rank_set(self.store, f"{base}/posted", self.world_size)

@@ -121,7 +121,7 @@ def plan_repair(layers: dict[str, ResilientMoE], lost: list[int], *, topology: p
                 restore_redundancy: bool = True) -> dict[str, planner.Plan]:
     """Check the request against every layer and plan each repair; changes nothing. The layers'
     copies are spread over the survivors: each rank writes its own slots, all at once."""
-    plans, busy = {}, None
+    plans, busy = {}, None  # busy [W]: seconds of copying planned on each rank so far (planner.repair_plan)
     for name, layer in layers.items():
         p = layer.placement
         bad = [r for r in lost if not 0 <= r < p.world_size]
@@ -139,7 +139,8 @@ def plan_repair(layers: dict[str, ResilientMoE], lost: list[int], *, topology: p
             tokens = layer.expert_load.cpu().numpy().astype(np.float64) + 1.0  # unseen experts still count
         else:  # each rank counted only its own tokens: plan on what every rank knows alike
             tokens = np.ones(layer.config.num_experts)
-        busy = np.zeros(p.world_size) if busy is None else busy
+        if busy is None:
+            busy = np.zeros(p.world_size)
         plans[name] = planner.repair_plan(
             p.phy2log.cpu().numpy(), p.slot_rank.cpu().numpy(), alive, tokens,
             topology or planner.default_topology(p.world_size), restore_redundancy=restore_redundancy,
