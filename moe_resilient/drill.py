@@ -273,7 +273,8 @@ def run_drill(nproc: int = 4, steps: int = 300, fail_ranks=(2,), fail_steps=(100
         "pause_after_detection_s": min(after) - min(f["t_detect"] for f in failures),
         # from the first detection until every survivor has agreed and repaired its placement: the
         # pause the failure adds before the group can compute again (no re-run work in it)
-        "serving_again_after_detection_s": max(f["t_recovered"] for f in failures) - min(f["t_detect"] for f in failures),
+        "serving_again_after_detection_s": (max(f["t_recovered"] for f in failures)
+                                            - min(f["t_detect"] for f in failures)),
         "step_s": float(np.median([x["t1"] - x["t0"] for x in served if x["t1"] < t_fail])),
         "lost_batches": sorted(expected - got),
         "rerun_batches": sorted((x["step"], x["batch_of"]) for x in served if x.get("makeup")),

@@ -11,7 +11,7 @@ Each process is one incarnation of its rank (detector.py): members are (rank, in
                              failure in generation g (``_rank_set``)
     gen/{g}/decision         members of generation g+1 (compare_set: the first proposal wins, so
                              every survivor adopts the same membership)
-    gen/{g}/here, here/{r}   count of members of g that have shown up before its gloo rendezvous
+    gen/{g}/here/{w}         the members of g that have shown up (a rank set, as checkin_bits)
     gen/{g}/admitted         join requests admitted up to generation g
     inc/{r}                  incarnations of rank r so far
     hb/{r}/{i}, dead/{r}/{i} heartbeat and death notice of incarnation i of rank r (detector.py)
@@ -517,15 +517,13 @@ class ElasticGroup(Collectives):
         and are known dead, stalled, or still absent after ``agree_timeout`` (empty: all are here)."""
         g, members = self.generation, self.incarnations
         here = f"gen/{g}/here"
-        self.store.set(f"{here}/{self.rank}", "1")
-        self.store.add(here, 1)
+        present = _rank_set(self.store, here, self.world_size, self.rank)
         stall, start = None, time.monotonic()
         last_poll = start
-        while int(self.store.add(here, 0)) < len(members):
+        while absent := {r: i for r, i in members.items() if r not in present}:
             now = time.monotonic()
-            if now - last_poll >= self.poll_interval:  # who is missing, and is any of them dead
+            if now - last_poll >= self.poll_interval:  # is any of the missing dead
                 last_poll = now
-                absent = {r: i for r, i in members.items() if not self.store.check([f"{here}/{r}"])}
                 stall = stall or Stall(self.detector, absent)
                 dead = self.detector.known_dead(absent) | set(stall.poll(absent))
                 if not dead and now - start > self.agree_timeout:
@@ -533,6 +531,7 @@ class ElasticGroup(Collectives):
                 if dead:
                     return dead
             time.sleep(0.0005)
+            present = _rank_set(self.store, here, self.world_size)
         return set()
 
     def gather(self, name: str, value: str, generation: int | None = None) -> dict[int, str]:
